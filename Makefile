@@ -4,12 +4,18 @@
 SHELL := /bin/bash
 
 # ---- local environment --------------------------------------------------------------------------------
-PYTHON ?= python3                          ## interpreter used to create the virtualenv
-VENV ?= .venv                              ## virtualenv holding the pinned CPU stack (torch 2.8.0, no vLLM)
-REQS ?= code/vlm-grpo/requirements-dev.txt ## requirements installed into $(VENV)
-SMOKE_DIR ?= outputs/smoke                 ## where `make smoke` writes the tiny model and the adapter
-SMOKE_STEPS ?= 4                           ## GRPO steps of the offline smoke run
-PYTEST_ARGS ?=                             ## extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
+## PYTHON: interpreter used to create the virtualenv
+PYTHON ?= python3
+## VENV: virtualenv holding the pinned CPU stack (torch 2.8.0, no vLLM)
+VENV ?= .venv
+## REQS: requirements installed into $(VENV)
+REQS ?= code/vlm-grpo/requirements-dev.txt
+## SMOKE_DIR: where `make smoke` writes the tiny model and the adapter
+SMOKE_DIR ?= outputs/smoke
+## SMOKE_STEPS: GRPO steps of the offline smoke run
+SMOKE_STEPS ?= 4
+## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
+PYTEST_ARGS ?= 
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
