@@ -17,13 +17,104 @@ SMOKE_STEPS ?= 4
 ## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
 PYTEST_ARGS ?= 
 
+# ---- FlexAI training (the seed's `flexai training run`; experiments/vlm-grpo/README.md) ------------
+## FLEXAI: the FlexAI CLI (https://docs.flex.ai/cli/); log in once with `flexai auth login`
+FLEXAI ?= flexai
+## NAME: training job name; inspect/logs/checkpoints act on it
+NAME ?= vlm-grpo-training
+## RESUME_NAME: job name of `make flexai-resume` (a FlexAI job name can be used once)
+RESUME_NAME ?= $(NAME)-resume
+## SECRET: name (not value) of the FlexAI secret holding your Hugging Face token, exported as HF_TOKEN
+SECRET ?= hf-token
+## REPO_URL: repository FlexAI clones for the job (your fork, if you changed the code)
+REPO_URL ?= https://github.com/flexaihq/blueprints
+## REVISION: branch, tag or commit FlexAI checks out; empty: the repository's default branch
+REVISION ?=
+## RUNTIME: FlexAI runtime image (torch 2.8.0, CUDA 12.8, vLLM 0.11.0; docker/Dockerfile mirrors it)
+RUNTIME ?= pytorch-28-vllm-0110-nvidia
+## NODES: nodes of the job; only 1 is supported (see README, Multi-node)
+NODES ?= 1
+## ACCELS: GPUs per node; accelerate launches one process per GPU
+ACCELS ?= 2
+## MODEL: base VLM on the Hugging Face Hub
+MODEL ?= Qwen/Qwen2.5-VL-3B-Instruct
+## OUTPUT: --output_dir of the job; FlexAI captures checkpoints written under /output-checkpoint
+OUTPUT ?= /output-checkpoint/grpo-$(notdir $(MODEL))
+## ARGS: extra grpo_vlm.py flags, appended last so they win, e.g. ARGS="--max_steps 50 --save_steps 25"
+ARGS ?=
+## CKPT: FlexAI checkpoint ID (from `make flexai-checkpoints`) for flexai-resume and flexai-fetch
+CKPT ?=
+## MERGE_ARGS: arguments of scripts/merge_lora.py for `make merge` (its docstring shows them; "--help" lists them)
+MERGE_ARGS ?=
+## EVAL_ARGS: arguments of scripts/evaluate.py for `make eval` (its docstring shows them; "--help" lists them)
+EVAL_ARGS ?=
+
+# ---- local Docker image (docker/Dockerfile) -----------------------------------------------------------
+## DOCKER: container engine CLI
+DOCKER ?= docker
+## IMAGE: tag of the local image; it spells the runtime's versions
+IMAGE ?= vlm-grpo:torch2.8.0-cu12.8-vllm0.11.0
+# `all` when this host has NVIDIA GPUs and Docker knows the nvidia runtime, else empty
+detected_gpus = $(shell nvidia-smi -L >/dev/null 2>&1 && $(DOCKER) info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia && echo all)
+## DOCKER_GPUS: `--gpus` value for local-smoke (GPUs + vLLM colocate); empty: CPU only; default: detected
+DOCKER_GPUS ?= $(detected_gpus)
+## LOCAL_SMOKE_DIR: host folder mounted as the image's smoke output (tiny model, adapter)
+LOCAL_SMOKE_DIR ?= outputs/docker-smoke
+
 VPY := $(VENV)/bin/python
+KNOBS := $(shell awk '/^[A-Z_]+ \?=/ {print $$1}' $(firstword $(MAKEFILE_LIST)))
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv smoke test
+# ---- derived values (not knobs) -------------------------------------------------------------------------
+TRAIN_DIR := code/vlm-grpo
+ACCEL_CONFIG := $(TRAIN_DIR)/deepspeed_zero3.yaml
+# processes the ZeRO-3 yaml launches; `--num_processes` is passed only when the job's GPU count differs,
+# so the default command stays token-identical to the seed's
+CONFIG_NPROC := $(shell awk '$$1 == "num_processes:" {print $$2}' $(ACCEL_CONFIG) 2>/dev/null)
+NPROC = $(shell echo $$(( $(NODES) * $(ACCELS) )))
+# $(call q,VALUE): VALUE as one bash word, bare when it holds only characters bash leaves alone (so printed
+# commands read like the docs), else single-quoted (a secret name may be `<HF_AUTH_TOKEN_SECRET_NAME>`)
+SAFE_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z \
+              0 1 2 3 4 5 6 7 8 9 _ . / : = @ + -
+strip_chars = $(if $2,$(call strip_chars,$(subst $(firstword $2),,$1),$(wordlist 2,999,$2)),$1)
+q = $(if $(and $(filter 1,$(words $1)),$(if $(call strip_chars,$1,$(SAFE_CHARS)),,safe)),$1,'$(subst ','"'"',$1)')
 
-help: ## list targets and knobs
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+# The guards below expand to nothing or stop make with one line (`Makefile:N: *** message.  Stop.`)
+# before any recipe line runs: make expands a target's whole recipe first.
+require-flexai = $(if $(shell command -v $(FLEXAI) 2>/dev/null),,$(error `$(FLEXAI)` CLI not found on PATH: install it (https://docs.flex.ai/cli/), run `flexai auth login`, or set FLEXAI=/path/to/flexai))
+require-ckpt = $(if $(strip $(CKPT)),,$(error CKPT is not set: list checkpoints with `make flexai-checkpoints`, then run `make $@ CKPT=<checkpoint-id>`))
+require-docker = $(if $(shell command -v $(DOCKER) 2>/dev/null),,$(error `$(DOCKER)` not found on PATH: install Docker (https://docs.docker.com/engine/install/) or set DOCKER=podman))
+require-counts = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ && "$(ACCELS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES and ACCELS must be positive integers (got NODES=$(NODES) ACCELS=$(ACCELS))))$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): multi-node is not wired up (accelerate needs every node's --machine_rank and --main_process_ip, which FlexAI does not document for an `accelerate launch` entry point); use NODES=1 with up to 8 ACCELS, see experiments/vlm-grpo/README.md#multi-node))
+
+# `flexai training run` flags shared by flexai-train and flexai-resume, in the seed's order
+FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISION)),--repository-revision $(call q,$(REVISION)) )--requirements-path $(TRAIN_DIR)/requirements.txt --secret $(call q,HF_TOKEN=$(SECRET)) --runtime $(call q,$(RUNTIME)) --nodes $(NODES) --accels $(ACCELS)
+# the entry point FlexAI runs on the node: the seed's accelerate launch + grpo_vlm.py arguments, then ARGS
+TRAIN_ENTRY = accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(ARGS)), $(ARGS))
+
+.PHONY: help info venv smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
+        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval
+
+help: ## list targets and knobs (this text)
+	@echo 'Usage: make TARGET [KNOB=value ...]    e.g. make flexai-train ACCELS=4'
+	@echo
+	@echo 'Targets:'
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
+	@echo
+	@echo 'Knobs (default in brackets; `make info` shows the resolved values):'
+	@awk '/^## [A-Z_]+: / {name = $$2; sub(/:$$/, "", name); desc = $$0; sub(/^## [A-Z_]+: /, "", desc); next} \
+	     name != "" && index($$0, name " ?=") == 1 {val = substr($$0, length(name) + 4); sub(/^ +/, "", val); \
+	     printf "  %-20s %s [%s]\n", name, desc, val} {name = ""}' $(firstword $(MAKEFILE_LIST))
+
+info: ## print every knob's resolved value and the command flexai-train would run
+	@echo 'Knobs:'
+	@$(foreach k,$(KNOBS),printf '  %-16s %s\n' '$(k)' $(call q,$($(k)));)
+	@echo
+	@echo 'Derived:'
+	@printf '  %-16s %s\n' 'processes' $(call q,$(NPROC) ($(NODES) node(s) x $(ACCELS) GPU(s); $(ACCEL_CONFIG) says $(CONFIG_NPROC)))
+	@printf '  %-16s %s\n' 'HF_TOKEN' $(call q,from FlexAI secret "$(SECRET)" (value never read by make))
+	@echo
+	@echo 'make flexai-train runs:'
+	@printf '  %s\n' $(call q,$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY))
 
 $(STAMP): code/vlm-grpo/requirements.txt code/vlm-grpo/requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +129,53 @@ smoke: $(STAMP) ## offline GRPO run: tiny Qwen2.5-VL, synthetic data, 2-process 
 
 test: $(STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# ---- FlexAI ------------------------------------------------------------------------------------------------
+flexai-connect: ## connect FlexAI to GitHub (once per account), so jobs can clone REPO_URL
+	$(require-flexai)
+	$(FLEXAI) code-registry connect
+
+flexai-secret: ## create secret SECRET: the CLI prompts for your HF token (never on a command line)
+	$(require-flexai)
+	$(FLEXAI) secret create $(call q,$(SECRET))
+
+flexai-train: ## start the GRPO training job: the seed's command, with NAME/MODEL/ACCELS/ARGS... applied
+	$(require-flexai)$(require-counts)
+	$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY)
+
+flexai-resume: ## start job RESUME_NAME from checkpoint CKPT; grpo_vlm.py resumes from its trainer state
+	$(require-ckpt)$(require-flexai)$(require-counts)
+	$(FLEXAI) training run $(call q,$(RESUME_NAME)) $(FLEXAI_RUN_FLAGS) --checkpoint $(call q,$(CKPT)) -- $(TRAIN_ENTRY)
+
+flexai-inspect: ## status and life-cycle events of job NAME
+	$(require-flexai)
+	$(FLEXAI) training inspect $(call q,$(NAME))
+
+flexai-logs: ## logs of job NAME
+	$(require-flexai)
+	$(FLEXAI) training logs $(call q,$(NAME))
+
+flexai-checkpoints: ## list the checkpoints job NAME produced (their IDs go in CKPT=)
+	$(require-flexai)
+	$(FLEXAI) training checkpoints $(call q,$(NAME))
+
+flexai-fetch: ## download checkpoint CKPT (a LoRA adapter) into the current folder
+	$(require-ckpt)$(require-flexai)
+	$(FLEXAI) checkpoint fetch $(call q,$(CKPT))
+
+# ---- after training: merge the adapter, evaluate ---------------------------------------------------------------
+merge: $(STAMP) ## merge a fetched LoRA adapter into its base model (scripts/merge_lora.py MERGE_ARGS)
+	$(VPY) scripts/merge_lora.py $(MERGE_ARGS)
+
+eval: $(STAMP) ## score a model or adapter with the reward functions (scripts/evaluate.py EVAL_ARGS)
+	$(VPY) scripts/evaluate.py $(EVAL_ARGS)
+
+# ---- Docker: the FlexAI runtime, locally -------------------------------------------------------------------
+docker-build: ## build IMAGE from docker/Dockerfile: the runtime's torch 2.8.0 + CUDA 12.8 + vLLM 0.11.0
+	$(require-docker)
+	$(DOCKER) build -f docker/Dockerfile -t $(call q,$(IMAGE)) .
+
+local-smoke: docker-build ## `make smoke` inside the image; with GPUs (DOCKER_GPUS) also vLLM colocate
+	$(require-docker)
+	mkdir -p $(call q,$(LOCAL_SMOKE_DIR))
+	$(DOCKER) run --rm --ipc=host $(if $(strip $(DOCKER_GPUS)),--gpus $(call q,$(DOCKER_GPUS)) -e SMOKE_VLLM=1,-e SMOKE_VLLM=0) -e SMOKE_STEPS=$(SMOKE_STEPS) -v $(call q,$(abspath $(LOCAL_SMOKE_DIR))):/workspace/outputs/smoke $(call q,$(IMAGE))

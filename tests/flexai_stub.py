@@ -1,0 +1,150 @@
+"""Run the real Makefile targets with recording stand-ins for the `flexai`, `docker` and `nvidia-smi` CLIs.
+
+Each stand-in is a small executable put first on PATH; every call writes its argv, one argument per line, to
+`<calls>/<NNN>-<tool>.argv`. Nothing else about make is mocked: the tests read what the recipes really ran.
+Shared by tests/test_makefile.py and tests/test_docs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SECRET_PLACEHOLDER = "<HF_AUTH_TOKEN_SECRET_NAME>"
+# the Makefile's SECRET default, which the docs use in place of the seed's placeholder
+DEFAULT_SECRET = "hf-token"
+
+# The seed document's (the user's) `flexai training run` command (shared/seed/vlm-grpo-flexai.md), as argv after `flexai`.
+SEED_ARGV = [
+    "training", "run", "vlm-grpo-training",
+    "--repository-url", "https://github.com/flexaihq/blueprints",
+    "--requirements-path", "code/vlm-grpo/requirements.txt",
+    "--secret", f"HF_TOKEN={SECRET_PLACEHOLDER}",
+    "--runtime", "pytorch-28-vllm-0110-nvidia",
+    "--nodes", "1", "--accels", "2",
+    "--", "accelerate", "launch",
+    "--config_file=code/vlm-grpo/deepspeed_zero3.yaml",
+    "code/vlm-grpo/grpo_vlm.py",
+    "--model_name_or_path", "Qwen/Qwen2.5-VL-3B-Instruct",
+    "--output_dir", "/output-checkpoint/grpo-Qwen2.5-VL-3B-Instruct",
+    "--learning_rate", "1e-5",
+    "--gradient_checkpointing",
+    "--dtype", "bfloat16",
+    "--max_prompt_length", "2048",
+    "--max_completion_length", "1024",
+    "--use_vllm",
+    "--vllm_mode", "colocate",
+    "--use_peft",
+    "--lora_target_modules", "q_proj", "v_proj",
+    "--log_completions",
+    "--logging_steps", "200",
+]
+
+# The stand-in: record argv; `secret create` reads the value from stdin like the real CLI's prompt and records only
+# its length; `docker info` prints the runtimes named in STUB_DOCKER_RUNTIMES; `nvidia-smi -L` lists one GPU.
+STUB_SOURCE = '''#!{python}
+import os, sys
+from pathlib import Path
+calls = Path(os.environ["STUB_CALLS"])
+calls.mkdir(parents=True, exist_ok=True)
+tool = Path(sys.argv[0]).name
+n = len(list(calls.glob("*.argv")))
+(calls / f"{{n:03d}}-{{tool}}.argv").write_text("".join(arg + "\\n" for arg in sys.argv[1:]))
+if tool == "flexai" and sys.argv[1:3] == ["secret", "create"]:
+    value = sys.stdin.readline().rstrip("\\n")
+    (calls / f"{{n:03d}}-{{tool}}.stdin-length").write_text(str(len(value)))
+    print("Secret created")
+if tool == "docker" and sys.argv[1:2] == ["info"]:
+    print(os.environ.get("STUB_DOCKER_RUNTIMES", '{{"runc":{{}}}}'))
+if tool == "nvidia-smi":
+    print("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-stub)")
+'''
+
+
+@dataclass
+class MakeRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    calls: list[tuple[str, list[str]]]  # (tool, argv without the program name), in call order
+    calls_dir: Path
+
+    def argv(self, tool: str = "flexai") -> list[list[str]]:
+        return [args for name, args in self.calls if name == tool]
+
+
+def make_stub_dir(tmp: Path, tools: tuple[str, ...] = ("flexai", "docker")) -> Path:
+    bin_dir = tmp / "stub-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for tool in tools:
+        path = bin_dir / tool
+        path.write_text(STUB_SOURCE.format(python=sys.executable))
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return bin_dir
+
+
+def clean_env(path: str, **extra: str) -> dict[str, str]:
+    """A minimal environment: knobs such as NAME or MODEL in the caller's env (or MAKEFLAGS from `make test`)
+    must not leak into the Makefile under test."""
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+def run_make(
+    tmp: Path,
+    *args: str,
+    tools: tuple[str, ...] = ("flexai", "docker"),
+    stdin: str | None = None,
+    env_extra: dict[str, str] | None = None,
+    path_tail: str = "/usr/local/bin:/usr/bin:/bin",
+) -> MakeRun:
+    """Run `make ARGS...` in the repository with the stand-ins in `tools` first on PATH."""
+    bin_dir = make_stub_dir(tmp, tools) if tools else None
+    calls_dir = tmp / "calls"
+    path = f"{bin_dir}:{path_tail}" if bin_dir else path_tail
+    env = clean_env(path, STUB_CALLS=str(calls_dir), **(env_extra or {}))
+    proc = subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=REPO,
+        env=env,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    calls = []
+    if calls_dir.is_dir():
+        for file in sorted(calls_dir.glob("*.argv")):
+            tool = file.stem.split("-", 1)[1]
+            calls.append((tool, file.read_text().splitlines()))
+    return MakeRun(proc.returncode, proc.stdout, proc.stderr, calls, calls_dir)
+
+
+# ---- shell command blocks in Markdown ----------------------------------------------------------------------
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def shell_blocks(markdown: str) -> list[str]:
+    """Bodies of the ```bash / ```sh / ```shell blocks of a Markdown text, in order."""
+    return [body for lang, body in FENCE.findall(markdown) if lang in ("bash", "sh", "shell")]
+
+
+def block_commands(block: str) -> list[list[str]]:
+    """The commands of one shell block as argv lists: continuations joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n", " ", block)
+    commands = []
+    for line in joined.splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            commands.append(words)
+    return commands
