@@ -1,0 +1,370 @@
+"""GRPO + LoRA fine-tuning of Qwen2.5-VL with TRL's GRPOTrainer, vLLM (colocate) and DeepSpeed ZeRO-3.
+
+The seed recipe (2 GPUs, FlexAI runtime `pytorch-28-vllm-0110-nvidia`):
+
+    accelerate launch --config_file=code/vlm-grpo/deepspeed_zero3.yaml code/vlm-grpo/grpo_vlm.py \\
+        --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct \\
+        --output_dir /output-checkpoint/grpo-Qwen2.5-VL-3B-Instruct \\
+        --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 \\
+        --max_prompt_length 2048 --max_completion_length 1024 \\
+        --use_vllm --vllm_mode colocate \\
+        --use_peft --lora_target_modules "q_proj" "v_proj" \\
+        --log_completions --logging_steps 200
+
+Offline, on CPU (what `make smoke` runs; the tiny model comes from scripts/make_tiny_model.py):
+
+    accelerate launch --config_file=code/vlm-grpo/deepspeed_zero3.yaml code/vlm-grpo/grpo_vlm.py \\
+        --model_name_or_path outputs/smoke/tiny-qwen2.5-vl --dataset_name synthetic \\
+        --output_dir outputs/smoke/run --max_steps 4 \\
+        --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 \\
+        --max_prompt_length 2048 --max_completion_length 1024 \\
+        --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200
+
+Add `--dry_run` to either to check arguments, data, processor and batch arithmetic without loading weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Sibling modules (data, rewards, ...) import as top-level modules, whichever directory the script runs from.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
+
+from data import DatasetError, load_raw_dataset, prepare_dataset, split_train_eval  # noqa: E402
+from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
+
+logger = logging.getLogger("grpo_vlm")
+
+# Tokens that only the processor may place: a generated `<|image_pad|>` makes the next forward pass fail with
+# "Image features and image tokens do not match" (KNOWN_ISSUES M5; R1-V#91 reports the same from vLLM).
+VISION_SPECIAL_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+@dataclass
+class VLMGRPOScriptArguments(ScriptArguments):
+    """Data, reward and run options of this script (GRPOConfig and ModelConfig hold the rest)."""
+
+    dataset_name: str = field(
+        default="lmms-lab/multimodal-open-r1-8k-verified",
+        metadata={
+            "help": "Hub id, local path (parquet file/folder, `save_to_disk` folder, jsonl with image paths) or "
+            "'synthetic' (built-in offline dataset of generated images with verifiable answers)."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop rows whose prompt (chat template and image tokens included) is longer than this many "
+            "tokens, before training. TRL 1.2 no longer truncates prompts (trl PR #4847), so this script owns it."
+        },
+    )
+    max_image_side: int | None = field(
+        default=512,
+        metadata={"help": "Drop rows whose image has a side longer than this (pixels). 0 disables the filter."},
+    )
+    eval_fraction: float = field(
+        default=0.02, metadata={"help": "Fraction of rows held out for evaluation (0 disables the split)."}
+    )
+    synthetic_rows: int = field(default=512, metadata={"help": "Rows of the `synthetic` dataset."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many rows (before filtering), e.g. for quick runs."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "accuracy"],
+        metadata={"help": f"Reward functions, by name: {sorted(REWARD_FUNCS)}."},
+    )
+    system_prompt: str = field(
+        default=SYSTEM_PROMPT, metadata={"help": "System prompt; the default asks for the format the rewards check."}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset filtering."})
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------
+
+
+def make_parser() -> TrlParser:
+    import torch
+
+    parser = TrlParser((VLMGRPOScriptArguments, GRPOConfig, ModelConfig))
+    if not torch.cuda.is_available():
+        # TRL defaults bf16=True, which TrainingArguments rejects without a GPU, and `use_cpu` would turn DeepSpeed
+        # off. So CPU runs (tests, `make smoke`) keep ZeRO-3 with mixed precision off on both sides: the Trainer and
+        # the accelerate config's `mixed_precision: bf16` (read from this variable) must agree, or HF refuses.
+        parser.set_defaults(bf16=False)
+        if os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    if os.environ.get("FLEXAI_OUTPUT_CHECKPOINT_DIR"):
+        # FlexAI mounts a persisted folder here; an explicit --output_dir still wins.
+        parser.set_defaults(output_dir=os.environ["FLEXAI_OUTPUT_CHECKPOINT_DIR"])
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """(script_args, training_args, model_args), normalized; `argv` defaults to the command line."""
+    parser = make_parser()
+    if argv is None:
+        script_args, training_args, model_args = parser.parse_args_and_config()
+    else:
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    model_args.lora_target_modules = normalize_target_modules(model_args.lora_target_modules)
+    return script_args, training_args, model_args
+
+
+def normalize_target_modules(modules: list[str] | str | None) -> list[str] | str | None:
+    """`"q_proj", "v_proj"` (TRL docs' comma form) reaches argparse as ['q_proj,', 'v_proj']: PEFT would then match
+    `q_proj,` nowhere and put LoRA on v_proj only, silently (KNOWN_ISSUES U3). Split on commas, drop blanks."""
+    if modules is None:
+        return None
+    if isinstance(modules, str):
+        modules = [modules]
+    names = [name.strip() for item in modules for name in item.split(",") if name.strip()]
+    if names == ["all-linear"]:
+        return "all-linear"  # PEFT's keyword, only valid as a plain string
+    return names
+
+
+class ConfigError(ValueError):
+    """A setting this recipe refuses, with the reason and the fix."""
+
+
+def validate_args(script_args, training_args, model_args) -> None:
+    """Refuse known-bad settings before any data or weights are loaded."""
+    get_reward_funcs(script_args.reward_funcs)  # unknown names raise with the valid list
+    if training_args.use_vllm and training_args.vllm_enable_sleep_mode:
+        raise ConfigError(
+            "--vllm_enable_sleep_mode is broken in TRL 1.2.0: after waking up, vLLM reloads the weights from disk, "
+            "so rollouts come from the base model, not the policy being trained (trl#5312). Remove the flag; "
+            "lower --vllm_gpu_memory_utilization instead if memory is tight."
+        )
+    if training_args.use_vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                "--use_vllm needs vLLM, which is not importable here. Use the FlexAI runtime "
+                "pytorch-28-vllm-0110-nvidia (or docker/Dockerfile), or drop --use_vllm to generate with transformers."
+            ) from err
+        if script_args.max_prompt_length and script_args.max_prompt_length > 4096:
+            raise ConfigError(
+                f"--max_prompt_length {script_args.max_prompt_length} > 4096: TRL 1.2.0's colocated vLLM hard-codes "
+                "max_num_batched_tokens=4096, so longer prompts fail (trl#3788). Use --max_prompt_length 4096 or less."
+            )
+    if model_args.use_peft and not model_args.lora_target_modules:
+        logger.warning("--use_peft without --lora_target_modules: PEFT picks Qwen2's defaults (q_proj, v_proj).")
+    if _zero_stage() == 3 and model_args.use_peft and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL") == "false":
+        raise ConfigError(
+            "ZeRO-3 with zero3_save_16bit_model: false saves an empty LoRA adapter (trl#4416, peft#2892). "
+            "Set `zero3_save_16bit_model: true` in the accelerate config (code/vlm-grpo/deepspeed_zero3.yaml has it)."
+        )
+    if script_args.eval_fraction < 0 or script_args.eval_fraction >= 1:
+        raise ConfigError(f"--eval_fraction must be in [0, 1), got {script_args.eval_fraction}")
+
+
+def _zero_stage() -> int | None:
+    """ZeRO stage from `accelerate launch`'s environment (None outside DeepSpeed)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage else None
+
+
+def resolve_args(script_args, training_args, model_args, processor=None) -> None:
+    """Derived settings: resume point, generation kwargs, model init kwargs."""
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if training_args.use_vllm and training_args.vllm_max_model_length is None and script_args.max_prompt_length:
+        # vLLM otherwise sizes for the model's 128k context; the run never needs more than prompt + completion.
+        training_args.vllm_max_model_length = script_args.max_prompt_length + training_args.max_completion_length
+    if training_args.resume_from_checkpoint is None:
+        training_args.resume_from_checkpoint = find_resume_checkpoint(training_args.output_dir)
+    if processor is not None:
+        training_args.generation_kwargs = {
+            **vision_token_ban(processor.tokenizer, training_args.use_vllm),
+            **(training_args.generation_kwargs or {}),
+        }
+
+
+def vision_token_ban(tokenizer, use_vllm: bool) -> dict:
+    """Generation kwargs that make vision special tokens impossible to sample (KNOWN_ISSUES M5)."""
+    present = [t for t in VISION_SPECIAL_TOKENS if t in tokenizer.get_vocab()]
+    if use_vllm:
+        return {"bad_words": present}  # vLLM SamplingParams: single-token bad words are always masked
+    return {"suppress_tokens": [tokenizer.convert_tokens_to_ids(t) for t in present]}
+
+
+def find_resume_checkpoint(output_dir: str | None) -> str | None:
+    """A trainer checkpoint to resume from: FlexAI's input checkpoint (`--checkpoint` of `flexai training run`)
+    first, then the newest `checkpoint-*` in output_dir (a restarted job continues where it stopped)."""
+    flexai_dir = os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR")
+    for folder in (flexai_dir, output_dir):
+        if not folder or not Path(folder).is_dir():
+            continue
+        if (Path(folder) / "trainer_state.json").exists():
+            return str(folder)
+        last = get_last_checkpoint(folder)
+        if last:
+            return last
+        if folder == flexai_dir:
+            logger.warning("FLEXAI_INPUT_CHECKPOINT_DIR=%s holds no trainer checkpoint: starting fresh", folder)
+    return None
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+
+
+def load_processor(model_args):
+    from transformers import AutoProcessor
+
+    # Left padding and left truncation: GRPO generates after the prompt.
+    return AutoProcessor.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        padding_side="left",
+        truncation_side="left",
+    )
+
+
+def load_datasets(script_args, training_args, processor, limit: int | None = None):
+    """(train, eval or None, FilterStats)."""
+    raw = load_raw_dataset(
+        script_args.dataset_name,
+        script_args.dataset_config,
+        script_args.dataset_train_split,
+        synthetic_rows=script_args.synthetic_rows,
+        seed=training_args.seed,
+    )
+    n = min(x for x in (len(raw), script_args.max_train_samples, limit) if x is not None)
+    if n < len(raw):
+        raw = raw.select(range(n))
+    dataset, stats = prepare_dataset(
+        raw,
+        processor,
+        max_image_side=script_args.max_image_side,
+        max_prompt_length=script_args.max_prompt_length,
+        system_prompt=script_args.system_prompt,
+        num_proc=script_args.dataset_num_proc,
+    )
+    train, held_out = split_train_eval(dataset, script_args.eval_fraction if limit is None else 0, training_args.seed)
+    return train, held_out, stats
+
+
+def batch_plan(training_args, num_train_rows: int) -> dict:
+    """GRPO's batch arithmetic: per_device_train_batch_size counts completions, not prompts (trl#3020)."""
+    procs = training_args.world_size
+    completions_per_step = training_args.per_device_train_batch_size * procs * training_args.gradient_accumulation_steps
+    prompts_per_step = completions_per_step / training_args.num_generations
+    if training_args.max_steps > 0:
+        steps = training_args.max_steps
+    else:
+        steps = math.ceil(training_args.num_train_epochs * num_train_rows / prompts_per_step)
+    return {
+        "processes": procs,
+        "num_generations": training_args.num_generations,
+        "completions_per_step": completions_per_step,
+        "prompts_per_step": prompts_per_step,
+        "completions_per_generation": training_args.generation_batch_size,
+        "steps_per_generation": training_args.steps_per_generation,
+        "train_rows": num_train_rows,
+        "steps": steps,
+        "max_completion_length": training_args.max_completion_length,
+    }
+
+
+def build_trainer(script_args, training_args, model_args, processor, train_dataset, eval_dataset):
+    from zero3 import VLMGRPOTrainer
+
+    peft_config = get_peft_config(model_args)
+    return VLMGRPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+
+
+def save_outputs(trainer, processor, output_dir: str) -> Path:
+    """Save adapter (or full model) and processor; refuse to finish with an empty adapter (trl#4416)."""
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    adapter = Path(output_dir) / "adapter_model.safetensors"
+    if adapter.exists():
+        check_adapter_file(adapter)
+        return adapter
+    return Path(output_dir)
+
+
+def check_adapter_file(adapter: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), framework="pt") as f:
+        keys = list(f.keys())
+        empty = [k for k in keys if f.get_slice(k).get_shape() in ([], [0])]
+    if not keys or empty:
+        raise RuntimeError(
+            f"{adapter} holds no LoRA weights ({len(keys)} tensors, {len(empty)} empty): under ZeRO-3 the accelerate "
+            "config needs `zero3_save_16bit_model: true` (trl#4416, peft#2892)."
+        )
+
+
+def main(script_args, training_args, model_args) -> Path | None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    validate_args(script_args, training_args, model_args)
+
+    processor = load_processor(model_args)
+    resolve_args(script_args, training_args, model_args, processor)
+
+    if script_args.dry_run:
+        train, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+        plan = batch_plan(training_args, num_train_rows=len(train))
+        plan.update(dataset=script_args.dataset_name, checked_rows=stats.summary(), output_dir=training_args.output_dir,
+                    resume_from_checkpoint=training_args.resume_from_checkpoint,
+                    lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
+                    generation=("vLLM " + training_args.vllm_mode) if training_args.use_vllm else "transformers")
+        print("dry run plan: " + json.dumps(plan, indent=2, default=str))
+        return None
+
+    train, held_out, _ = load_datasets(script_args, training_args, processor)
+    logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train))))
+    trainer = build_trainer(script_args, training_args, model_args, processor, train, None)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    saved = save_outputs(trainer, processor, training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        print(f"saved: {saved}")
+    return saved
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_args())
+    except (ConfigError, DatasetError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,90 @@
+"""`--dataset_name synthetic`: a built-in, deterministic, offline visual QA dataset with verifiable answers.
+
+Two tasks, drawn with Pillow (no download, no font files):
+- counting: "How many red circles are in the image?" over a canvas of coloured circles, squares and triangles;
+- reading: "What number is written in the image?" over a rendered 1-4 digit number.
+
+Rows have the columns of `lmms-lab/multimodal-open-r1-8k-verified` (`image`, `problem`, `solution`,
+`original_question`, `original_answer`) with the gold in the same `<think>…</think>\n\n<answer>…</answer>` form,
+so every code path (loading, filtering, rewards) is the one the real dataset takes.
+"""
+
+from __future__ import annotations
+
+import random
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=color)
+
+
+def counting_example(rng: random.Random, side: int):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    target_color, target_shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    cell = side // 4  # a 4x4 grid: shapes never overlap, so the count is unambiguous
+    cells = rng.sample(range(16), rng.randint(3, 9))
+    count = 0
+    for idx in cells:
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        count += (color, shape) == (target_color, target_shape)
+        r, c = divmod(idx, 4)
+        pad = cell // 6
+        _draw_shape(draw, shape, (c * cell + pad, r * cell + pad, (c + 1) * cell - pad, (r + 1) * cell - pad), COLORS[color])
+    problem = f"How many {target_color} {target_shape}s are in the image? Answer with a number."
+    think = f"I look at every shape and count the {target_color} {target_shape}s: there are {count}."
+    return image, problem, think, str(count)
+
+
+def reading_example(rng: random.Random, side: int):
+    from PIL import Image, ImageDraw, ImageFont
+
+    number = rng.randint(0, 9999)
+    image = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=side // 4)
+    draw.text((side // 8, side // 3), str(number), fill=(0, 0, 0), font=font)
+    problem = "What number is written in the image? Answer with a number."
+    think = f"The image shows the digits {' '.join(str(number))}, which read {number}."
+    return image, problem, think, str(number)
+
+
+def make_synthetic_rows(num_rows: int, seed: int = 0, image_side: int = 112) -> dict[str, list]:
+    """Columns of `num_rows` examples; the same seed gives the same rows, image bytes included."""
+    rng = random.Random(seed)
+    rows: dict[str, list] = {k: [] for k in ("image", "problem", "solution", "original_question", "original_answer")}
+    for i in range(num_rows):
+        image, problem, think, answer = (counting_example if i % 2 == 0 else reading_example)(rng, image_side)
+        rows["image"].append(image)
+        rows["problem"].append(problem)
+        rows["solution"].append(f"<think>{think}</think>\n\n<answer>{answer}</answer>")
+        rows["original_question"].append(problem)
+        rows["original_answer"].append(answer)
+    return rows
+
+
+def make_synthetic_dataset(num_rows: int = 256, seed: int = 0, image_side: int = 112):
+    """A `datasets.Dataset` with an `Image` feature, as `load_dataset` returns for the hub dataset."""
+    from datasets import Dataset, Features, Image, Value
+
+    features = Features(
+        {
+            "image": Image(),
+            "problem": Value("string"),
+            "solution": Value("string"),
+            "original_question": Value("string"),
+            "original_answer": Value("string"),
+        }
+    )
+    return Dataset.from_dict(make_synthetic_rows(num_rows, seed, image_side), features=features)

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Build a random-weights Qwen2.5-VL (model + processor) offline, in seconds.
+
+    python scripts/make_tiny_model.py OUT_DIR                 # tiny: ~2M parameters, for CPU tests and `make smoke`
+    python scripts/make_tiny_model.py OUT_DIR --preset 3b     # Qwen2.5-VL-3B-Instruct's architecture (bench, GPU tests)
+
+Nothing is downloaded: the tokenizer is a byte-level BPE generated here, carrying Qwen's special tokens
+(`<|im_start|>`, `<|vision_start|>`, `<|image_pad|>` ...) at the ids the model config points at, and Qwen2-VL's
+chat template, so the real loading, templating and image-token expansion code paths all run. The `3b` preset
+uses the public config values of Qwen/Qwen2.5-VL-3B-Instruct and pads the vocabulary to its full size, so
+FLOP and memory figures measured on it are those of the real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Qwen2's special tokens, in Qwen's order (their ids follow the regular vocabulary, as in the real tokenizer).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL chat template (as shipped in the model's chat_template.json).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the BPE merges are learned from: the words the synthetic task and the system prompt use, so prompts
+# tokenize into a realistic number of tokens rather than one token per byte.
+_CORPUS = [
+    "You are a helpful assistant. A conversation between User and Assistant. The user asks a question about "
+    "the image, and the Assistant solves it. The Assistant first thinks about the reasoning process and then "
+    "provides the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively.",
+    "How many red green blue yellow circles squares triangles are in the image? Answer with a number.",
+    "What number is written in the image? What is the sum of the digits shown? the a an of in is are",
+    "<think> I count the shapes one by one. </think> <answer> 0 1 2 3 4 5 6 7 8 9 10 11 12 </answer>",
+    "\\boxed{42} \\frac{1}{2} x + y = z, 3.14 -7 100%",
+]
+
+PRESETS = {
+    # Each shrunken knob is the smallest value the real code paths accept.
+    "tiny": dict(
+        text=dict(
+            hidden_size=128,  # head_dim 64: a size vLLM's and FlashAttention's kernels accept
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,  # GQA as in the real model (2 query heads per KV head)
+            max_position_embeddings=4096,
+            rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},  # sums to head_dim / 2
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=128,  # vision head_dim 64
+            intermediate_size=256,
+            num_heads=2,
+            out_hidden_size=128,  # = text hidden_size (the merger projects into it)
+            fullatt_block_indexes=[1],  # one windowed and one full-attention block, as the real tower mixes both
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        bpe_vocab=600,
+        pad_vocab_to=None,
+    ),
+    # Public values of Qwen/Qwen2.5-VL-3B-Instruct's config.json.
+    "3b": dict(
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        bpe_vocab=2000,
+        pad_vocab_to=151643,  # Qwen2's regular vocabulary; its special tokens follow (151,657 tokens in all)
+    ),
+}
+
+
+def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None):
+    """A byte-level BPE with Qwen's special tokens appended after the regular vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if pad_vocab_to:
+        # Unreachable filler entries: they give the embedding and LM head the real model's shape.
+        tok.add_tokens([f"<|filler_{i}|>" for i in range(pad_vocab_to - tok.get_vocab_size())])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=32768,
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16") -> Path:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorFast,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec["bpe_vocab"], spec["pad_vocab_to"])
+    tokenizer.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)  # what users of OUT_DIR get: proves the saved files load
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    config = Qwen2_5_VLConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+        vision_config=spec["vision"],
+        torch_dtype=dtype,
+        **spec["text"],
+    )
+    # Mirror the ids into the text sub-config too: some code paths (vLLM, generation) read them from there.
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config.text_config, key, getattr(config, key))
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config.text_config, key, getattr(config, key))
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=config.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+
+    # Small images keep CPU runs fast: at most 64 merged tokens (256 patches of 14x14) per image for `tiny`.
+    max_pixels = 256 * 28 * 28 if preset == "tiny" else 12845056
+    image_processor = Qwen2VLImageProcessorFast(
+        min_pixels=4 * 28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=max_pixels)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out)
+    (out / "tiny_model_info.json").write_text(
+        json.dumps({"preset": preset, "seed": seed, "parameters": sum(p.numel() for p in model.parameters())}, indent=2)
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write the model, tokenizer and processor into")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights dtype")
+    args = parser.parse_args()
+    print(build(args.out_dir, args.preset, args.seed, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
