@@ -337,8 +337,13 @@ def check_adapter_file(adapter: Path) -> None:
 
 
 def main(script_args, training_args, model_args) -> Path | None:
+    import torch
+
+    from zero3 import configure_zero3
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     validate_args(script_args, training_args, model_args)
+    configure_zero3(training_args, on_gpu=torch.cuda.is_available())
 
     processor = load_processor(model_args)
     resolve_args(script_args, training_args, model_args, processor)
