@@ -336,32 +336,57 @@ def check_adapter_file(adapter: Path) -> None:
         )
 
 
-def main(script_args, training_args, model_args) -> Path | None:
+def setup(script_args, training_args, model_args):
+    """Checks and derived settings shared by training and --dry_run; returns the processor."""
     import torch
 
     from zero3 import configure_zero3
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     validate_args(script_args, training_args, model_args)
     configure_zero3(training_args, on_gpu=torch.cuda.is_available())
-
     processor = load_processor(model_args)
     resolve_args(script_args, training_args, model_args, processor)
+    return processor
 
-    if script_args.dry_run:
-        train, _, stats = load_datasets(script_args, training_args, processor, limit=32)
-        plan = batch_plan(training_args, num_train_rows=len(train))
-        plan.update(dataset=script_args.dataset_name, checked_rows=stats.summary(), output_dir=training_args.output_dir,
-                    resume_from_checkpoint=training_args.resume_from_checkpoint,
-                    lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
-                    generation=("vLLM " + training_args.vllm_mode) if training_args.use_vllm else "transformers")
-        print("dry run plan: " + json.dumps(plan, indent=2, default=str))
-        return None
 
-    train, held_out, _ = load_datasets(script_args, training_args, processor)
-    logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train))))
-    trainer = build_trainer(script_args, training_args, model_args, processor, train, None)
+def dry_run(script_args, training_args, model_args, processor) -> dict:
+    """Check the first rows, the processor and the batch arithmetic; print the plan. Loads no model weights."""
+    train, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    plan = batch_plan(training_args, num_train_rows=len(train))
+    plan.update(
+        dataset=script_args.dataset_name,
+        checked_rows=stats.summary(),
+        output_dir=training_args.output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
+        generation=f"vLLM {training_args.vllm_mode}" if training_args.use_vllm else "transformers",
+        gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs
+        if training_args.gradient_checkpointing
+        else None,
+    )
+    plan["note"] = "steps computed from the checked rows only; the real run counts every row"
+    print("dry run plan: " + json.dumps(plan, indent=2, default=str))
+    return plan
+
+
+def train(script_args, training_args, model_args, processor):
+    """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer."""
+    train_dataset, _, _ = load_datasets(script_args, training_args, processor)
+    logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
+    if training_args.resume_from_checkpoint:
+        logger.info("resuming from %s", training_args.resume_from_checkpoint)
+    trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return trainer
+
+
+def main(script_args, training_args, model_args) -> Path | None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    processor = setup(script_args, training_args, model_args)
+    if script_args.dry_run:
+        dry_run(script_args, training_args, model_args, processor)
+        return None
+    trainer = train(script_args, training_args, model_args, processor)
     saved = save_outputs(trainer, processor, training_args.output_dir)
     if trainer.accelerator.is_main_process:
         print(f"saved: {saved}")
