@@ -121,10 +121,20 @@ def make_parser() -> TrlParser:
 def parse_args(argv: list[str] | None = None):
     """(script_args, training_args, model_args), normalized; `argv` defaults to the command line."""
     parser = make_parser()
-    if argv is None:
-        script_args, training_args, model_args = parser.parse_args_and_config()
-    else:
-        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    try:
+        if argv is None:
+            script_args, training_args, model_args = parser.parse_args_and_config()
+        else:
+            script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    except ValueError as err:
+        if "num_generations" not in str(err):
+            raise
+        # GRPOConfig's own message names generation_batch_size, which the user never set (KNOWN_ISSUES U8).
+        raise ConfigError(
+            f"{err} per_device_train_batch_size counts completions, not prompts (trl#3020): "
+            "per_device_train_batch_size x processes x gradient_accumulation_steps (or --generation_batch_size) "
+            "must be a multiple of --num_generations (default 8)."
+        ) from err
     model_args.lora_target_modules = normalize_target_modules(model_args.lora_target_modules)
     return script_args, training_args, model_args
 
@@ -148,7 +158,10 @@ class ConfigError(ValueError):
 
 def validate_args(script_args, training_args, model_args) -> None:
     """Refuse known-bad settings before any data or weights are loaded."""
-    get_reward_funcs(script_args.reward_funcs)  # unknown names raise with the valid list
+    try:
+        get_reward_funcs(script_args.reward_funcs)
+    except ValueError as err:  # unknown names: the message lists the valid ones; `error: ...`, not a traceback
+        raise ConfigError(str(err)) from err
     if training_args.use_vllm and training_args.vllm_enable_sleep_mode:
         raise ConfigError(
             "--vllm_enable_sleep_mode is broken in TRL 1.2.0: after waking up, vLLM reloads the weights from disk, "
@@ -295,7 +308,7 @@ def batch_plan(training_args, num_train_rows: int) -> dict:
     }
 
 
-def build_trainer(script_args, training_args, model_args, processor, train_dataset, eval_dataset):
+def build_trainer(script_args, training_args, model_args, processor, train_dataset, eval_dataset, callbacks=None):
     from zero3 import VLMGRPOTrainer
 
     peft_config = get_peft_config(model_args)
@@ -307,6 +320,7 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
 
 
@@ -369,13 +383,13 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     return plan
 
 
-def train(script_args, training_args, model_args, processor):
+def train(script_args, training_args, model_args, processor, callbacks=None):
     """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer."""
     train_dataset, _, _ = load_datasets(script_args, training_args, processor)
     logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
     if training_args.resume_from_checkpoint:
         logger.info("resuming from %s", training_args.resume_from_checkpoint)
-    trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None)
+    trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None, callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 
