@@ -14,6 +14,8 @@ REQS ?= code/vlm-grpo/requirements-dev.txt
 SMOKE_DIR ?= outputs/smoke
 ## SMOKE_STEPS: GRPO steps of the offline smoke run
 SMOKE_STEPS ?= 4
+## SMOKE_ARGS: extra grpo_vlm.py flags for the smoke run, e.g. SMOKE_ARGS="--reward_funcs digit_ratio"
+SMOKE_ARGS ?=
 ## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
 PYTEST_ARGS ?= 
 
@@ -125,7 +127,7 @@ $(STAMP): code/vlm-grpo/requirements.txt code/vlm-grpo/requirements-dev.txt
 venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the runtime pins, no vLLM)
 
 smoke: $(STAMP) ## offline GRPO run: tiny Qwen2.5-VL, synthetic data, 2-process ZeRO-3 on CPU; prints the adapter path
-	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) bash scripts/smoke.sh
+	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) SMOKE_ARGS='$(SMOKE_ARGS)' bash scripts/smoke.sh
 
 test: $(STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests)
 	$(VPY) -m pytest $(PYTEST_ARGS)
