@@ -33,6 +33,7 @@ class FilterStats:
 
     total: int = 0
     dropped: Counter = field(default_factory=Counter)
+    source_rows: int = 0  # rows in the source, before --max_train_samples or a dry run's sample
 
     @property
     def kept(self) -> int:
@@ -75,6 +76,9 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
             f"{path}: no dataset found. Expected a .parquet file or folder of them, a .jsonl file with an `image` "
             "path column, or a folder written by `Dataset.save_to_disk`."
         )
+    if name.startswith((".", "/", "~")) or path.suffix in (".parquet", ".jsonl", ".json"):
+        # a path that does not exist: don't report it as an unreachable hub dataset
+        raise DatasetError(f"--dataset_name {name!r}: no such file or folder ({path.absolute()})")
     if "/" not in name:
         raise DatasetError(
             f"--dataset_name {name!r} is neither a local path nor a hub id (owner/name), nor '{SYNTHETIC}'."

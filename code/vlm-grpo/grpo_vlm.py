@@ -271,8 +271,9 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
         synthetic_rows=script_args.synthetic_rows,
         seed=training_args.seed,
     )
-    n = min(x for x in (len(raw), script_args.max_train_samples, limit) if x is not None)
-    if n < len(raw):
+    source_rows = len(raw)
+    n = min(x for x in (source_rows, script_args.max_train_samples, limit) if x is not None)
+    if n < source_rows:
         raw = raw.select(range(n))
     dataset, stats = prepare_dataset(
         raw,
@@ -282,6 +283,7 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
         system_prompt=script_args.system_prompt,
         num_proc=script_args.dataset_num_proc,
     )
+    stats.source_rows = source_rows
     train, held_out = split_train_eval(dataset, script_args.eval_fraction if limit is None else 0, training_args.seed)
     return train, held_out, stats
 
@@ -365,8 +367,11 @@ def setup(script_args, training_args, model_args):
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
     """Check the first rows, the processor and the batch arithmetic; print the plan. Loads no model weights."""
-    train, _, stats = load_datasets(script_args, training_args, processor, limit=32)
-    plan = batch_plan(training_args, num_train_rows=len(train))
+    checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    # Extrapolate the checked rows' keep rate to the whole source, minus the held-out split.
+    usable = min(stats.source_rows, script_args.max_train_samples or stats.source_rows)
+    expected_train_rows = int(usable * len(checked) / max(stats.total, 1) * (1 - script_args.eval_fraction))
+    plan = batch_plan(training_args, num_train_rows=max(expected_train_rows, 1))
     plan.update(
         dataset=script_args.dataset_name,
         checked_rows=stats.summary(),
@@ -378,7 +383,7 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
         if training_args.gradient_checkpointing
         else None,
     )
-    plan["note"] = "steps computed from the checked rows only; the real run counts every row"
+    plan["note"] = f"train_rows extrapolated from the first {stats.total} of {stats.source_rows} rows"
     print("dry run plan: " + json.dumps(plan, indent=2, default=str))
     return plan
 
