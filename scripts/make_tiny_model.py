@@ -124,6 +124,7 @@ PRESETS = {
         ),
         bpe_vocab=2000,
         pad_vocab_to=151643,  # Qwen2's regular vocabulary; its special tokens follow (151,657 tokens in all)
+        vocab_size=151936,  # the checkpoint's embedding rows: the tokenizer's 151,657 padded up, as in config.json
     ),
 }
 
@@ -179,7 +180,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str =
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
     config = Qwen2_5_VLConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), spec.get("vocab_size") or 0),
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],

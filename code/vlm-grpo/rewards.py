@@ -25,6 +25,7 @@ _FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _DIGIT_RE = re.compile(r"\d")
+_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
 def completion_text(completion) -> str:
@@ -83,8 +84,14 @@ def _normalize(answer: str) -> str:
 
 
 def _as_number(answer: str) -> float | None:
+    text = _normalize(answer).rstrip(",").rstrip("%")  # "5," from "I count 5, so ..."
+    if "," in text:
+        # Only thousands separators ("1,234"): "1,2,3" is a list and "1,5" may be a decimal comma, neither 123 nor 15.
+        if not _THOUSANDS_RE.match(text):
+            return None
+        text = text.replace(",", "")
     try:
-        return float(_normalize(answer).replace(",", "").rstrip("%"))
+        return float(text)
     except ValueError:
         return None
 

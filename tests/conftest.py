@@ -1,0 +1,83 @@
+"""Shared fixtures: the recipe's modules on sys.path, a tiny offline Qwen2.5-VL, and a script runner.
+
+Fixture names are part of the suite's contract (other test files use them): `repo_root`, `tiny_model`, `processor`,
+`run_script`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "code" / "vlm-grpo"
+SCRIPT = RECIPE_DIR / "grpo_vlm.py"
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+
+# grpo_vlm.py imports its siblings (data, rewards, zero3, ...) as top-level modules; so do the tests.
+for _path in (RECIPE_DIR, REPO_ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+# Nothing in the unit tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Folder of a random-weights tiny Qwen2.5-VL (model, tokenizer, processor), built offline once per session."""
+    from make_tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2.5-vl", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model):
+    """The tiny model's processor, loaded the way grpo_vlm.load_processor loads it (left padding)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model, padding_side="left", truncation_side="left")
+
+
+def _python() -> str:
+    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script(args, env=None, timeout=300) -> CompletedProcess of `python code/vlm-grpo/grpo_vlm.py ARGS`.
+
+    Runs offline (HF_HUB_OFFLINE=1) from the repository root; `env` entries are added to (and override) a copy of
+    the current environment; a value of None removes that variable.
+    """
+
+    def _run(args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ)
+        full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = str(value)
+        return subprocess.run(
+            [_python(), str(SCRIPT), *map(str, args)],
+            cwd=REPO_ROOT,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return _run

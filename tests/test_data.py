@@ -1,0 +1,281 @@
+"""code/vlm-grpo/data.py: every source loads, every bad row is dropped and counted, bad input says what to fix."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import datasets
+from data import (
+    DatasetError,
+    check_columns,
+    load_raw_dataset,
+    make_prompt,
+    prepare_dataset,
+    prompt_token_count,
+    split_train_eval,
+)
+from rewards import SYSTEM_PROMPT
+
+SOLUTION = "<think>I count them.</think>\n\n<answer>3</answer>"
+
+
+def png(size=(56, 56), mode="RGB", color=None) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if color is not None else (10, 200, 30) if mode == "RGB" else 0).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rows_dataset(images, problems=None, solutions=None):
+    """A dataset with the hub dataset's Image feature; `images` are PNG bytes, PIL images or None."""
+    n = len(images)
+    cells = [img if img is None or isinstance(img, Image.Image) else {"bytes": img, "path": None} for img in images]
+    return datasets.Dataset.from_dict(
+        {
+            "image": cells,
+            "problem": problems or [f"How many red circles are in image {i}?" for i in range(n)],
+            "solution": solutions or [SOLUTION] * n,
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")}
+        ),
+    )
+
+
+def raw_bytes(ds):
+    return [cell["bytes"] for cell in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+# ---- sources ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_including_image_bytes():
+    a = load_raw_dataset("synthetic", synthetic_rows=6, seed=0)
+    b = load_raw_dataset("synthetic", synthetic_rows=6, seed=0)
+    assert len(a) == 6
+    assert set(a.column_names) >= {"image", "problem", "solution", "original_question", "original_answer"}
+    assert a["problem"] == b["problem"] and a["solution"] == b["solution"]
+    assert raw_bytes(a) == raw_bytes(b)
+    c = load_raw_dataset("synthetic", synthetic_rows=6, seed=1)
+    assert raw_bytes(c) != raw_bytes(a) or c["problem"] != a["problem"]
+
+
+def test_synthetic_rows_have_the_real_datasets_solution_form():
+    ds = load_raw_dataset("synthetic", synthetic_rows=4, seed=0)
+    for sol, answer in zip(ds["solution"], ds["original_answer"], strict=True):
+        assert sol.startswith("<think>") and sol.endswith(f"</think>\n\n<answer>{answer}</answer>")
+
+
+@pytest.fixture
+def small_ds():
+    return rows_dataset([png((56, 56)), png((84, 56)), png((28, 112))])
+
+
+def test_local_parquet_file_and_folder(tmp_path, small_ds, processor):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    small_ds.select(range(2)).to_parquet(str(folder / "part-0.parquet"))
+    small_ds.select(range(2, 3)).to_parquet(str(folder / "part-1.parquet"))
+    one = load_raw_dataset(str(folder / "part-0.parquet"))
+    both = load_raw_dataset(str(folder))
+    assert len(one) == 2 and len(both) == 3
+    assert both["problem"] == small_ds["problem"]
+    prepared, stats = prepare_dataset(both, processor)
+    assert stats.kept == 3 and prepared[0]["image"].size == (56, 56)
+
+
+def test_save_to_disk_folder_and_dataset_dict(tmp_path, small_ds):
+    small_ds.save_to_disk(str(tmp_path / "plain"))
+    assert load_raw_dataset(str(tmp_path / "plain"))["problem"] == small_ds["problem"]
+    datasets.DatasetDict({"train": small_ds, "validation": small_ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_raw_dataset(str(tmp_path / "dict"), split="validation")) == 1
+    with pytest.raises(DatasetError, match=r"splits \['train', 'validation'\].*--dataset_train_split"):
+        load_raw_dataset(str(tmp_path / "dict"), split="test")
+
+
+def test_jsonl_with_relative_image_paths(tmp_path, monkeypatch, processor):
+    data_dir = tmp_path / "mydata"
+    (data_dir / "imgs").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(data_dir / "imgs" / "a.png")
+    Image.new("L", (84, 56), 99).save(data_dir / "imgs" / "b.png")
+    lines = [
+        {"image": "imgs/a.png", "problem": "What colour?", "solution": "<think>x</think>\n\n<answer>red</answer>"},
+        {"image": str(data_dir / "imgs" / "b.png"), "problem": "Grey?", "solution": SOLUTION},  # absolute path
+        {"image": "imgs/missing.png", "problem": "Gone?", "solution": SOLUTION},
+    ]
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.chdir(tmp_path)  # relative paths resolve against the file, not the working directory
+    raw = load_raw_dataset(str(data_dir / "train.jsonl"))
+    prepared, stats = prepare_dataset(raw, processor)
+    assert stats.total == 3 and stats.kept == 2
+    assert sum(stats.dropped.values()) == 1  # the missing file, counted
+    assert prepared[0]["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert prepared[1]["image"].mode == "RGB" and prepared[1]["image"].getpixel((0, 0)) == (99, 99, 99)
+
+
+@pytest.mark.parametrize("name", ["./no/such/data.parquet", "/no/such/folder", "missing.jsonl"])
+def test_nonexistent_path_is_a_clear_error(name):
+    with pytest.raises(DatasetError, match="no such file or folder"):
+        load_raw_dataset(name)
+
+
+def test_bad_name_is_a_clear_error():
+    with pytest.raises(DatasetError, match=r"neither a local path nor a hub id"):
+        load_raw_dataset("not a dataset")
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DatasetError, match=r"could not load hub dataset 'no-owner/no-such-dataset'.*HF_TOKEN"):
+        load_raw_dataset("no-owner/no-such-dataset")
+
+
+def test_folder_without_data_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="no dataset found"):
+        load_raw_dataset(str(tmp_path))
+
+
+# ---- bad rows ------------------------------------------------------------------------------------------------
+
+
+def test_missing_columns_are_named_with_what_is_expected(processor):
+    ds = datasets.Dataset.from_dict({"image": [None], "question": ["q"], "answer": ["a"]})
+    with pytest.raises(DatasetError) as err:
+        check_columns(ds)
+    message = str(err.value)
+    assert "['problem', 'solution']" in message  # what is missing
+    assert "question" in message  # what it has
+    assert "`problem` (the question)" in message and "`solution`" in message  # what is expected
+    with pytest.raises(DatasetError, match="missing column"):
+        prepare_dataset(ds, processor)
+
+
+def test_undecodable_and_missing_images_are_dropped_and_counted(processor, tmp_path):
+    good = png()
+    ds = rows_dataset([good, b"not an image at all", good[:40], None, good])  # garbage, truncated PNG, None
+    prepared, stats = prepare_dataset(ds, processor)
+    assert stats.total == 5 and stats.kept == 2 and len(prepared) == 2
+    assert stats.dropped["undecodable image"] == 2
+    assert stats.dropped["missing image"] == 1
+    assert "kept 2/5" in stats.summary() and "2 undecodable image" in stats.summary()
+
+
+def test_empty_problem_or_solution_dropped(processor):
+    ds = rows_dataset([png()] * 4, problems=["ok?", "", "   ", "ok?"], solutions=[SOLUTION, SOLUTION, SOLUTION, ""])
+    prepared, stats = prepare_dataset(ds, processor)
+    assert stats.kept == 1 and stats.dropped["empty problem or solution"] == 3
+    assert prepared["problem"] == ["ok?"]
+
+
+@pytest.mark.parametrize(
+    "image, pixel",
+    [
+        (Image.new("L", (56, 56), 77), (77, 77, 77)),
+        (Image.new("RGBA", (56, 56), (1, 2, 3, 128)), (1, 2, 3)),
+        (Image.new("P", (56, 56), 0), None),
+        (Image.new("1", (56, 56), 1), (255, 255, 255)),
+        (Image.new("CMYK", (56, 56), (0, 0, 0, 0)), (255, 255, 255)),
+    ],
+    ids=["grayscale", "rgba", "palette", "bilevel", "cmyk"],
+)
+def test_non_rgb_images_are_converted_to_rgb(processor, image, pixel):
+    buf = io.BytesIO()
+    image.save(buf, "TIFF" if image.mode == "CMYK" else "PNG")
+    prepared, stats = prepare_dataset(rows_dataset([buf.getvalue()]), processor)
+    assert stats.kept == 1
+    out = prepared[0]["image"]
+    assert out.mode == "RGB" and out.size == (56, 56)
+    if pixel is not None:
+        assert out.getpixel((5, 5)) == pixel
+
+
+def test_rgb_image_bytes_pass_through_untouched(processor):
+    original = png((84, 56))
+    prepared, _ = prepare_dataset(rows_dataset([original]), processor)
+    assert raw_bytes(prepared) == [original]
+
+
+def test_image_over_max_image_side_dropped(processor):
+    ds = rows_dataset([png((56, 56)), png((513, 40)), png((40, 600)), png((512, 512))])
+    prepared, stats = prepare_dataset(ds, processor, max_image_side=512)
+    assert stats.kept == 2 and stats.dropped["image side > max_image_side=512"] == 2
+    assert [im.size for im in prepared["image"]] == [(56, 56), (512, 512)]
+    _, no_limit = prepare_dataset(ds, processor, max_image_side=0)  # 0 disables the filter
+    assert no_limit.kept == 4
+
+
+def test_prompt_over_max_prompt_length_dropped_and_counted(processor):
+    ds = rows_dataset([png((56, 56)), png((448, 448)), png((56, 56)), png((448, 448))])
+    small = prompt_token_count(ds[0]["problem"], 56, 56, processor)
+    big = prompt_token_count(ds[1]["problem"], 448, 448, processor)
+    assert big > small + 100  # the image, not the text, makes the difference
+    limit = small + 20
+    prepared, stats = prepare_dataset(ds, processor, max_prompt_length=limit)
+    assert stats.kept == 2 and stats.dropped[f"prompt > max_prompt_length={limit} tokens"] == 2
+    assert all(n <= limit for n in prepared["prompt_tokens"])
+    assert prepared["prompt_tokens"][0] == small
+
+
+def test_nothing_survives_is_a_clear_error(processor):
+    ds = rows_dataset([b"junk", png((900, 900))])
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(ds, processor, max_image_side=512)
+    message = str(err.value)
+    assert "no rows left" in message and "kept 0/2" in message
+    assert "1 undecodable image" in message and "max_image_side" in message
+
+
+def test_prepared_rows_have_the_prompt_grpo_expects(processor):
+    prepared, _ = prepare_dataset(load_raw_dataset("synthetic", synthetic_rows=4), processor, system_prompt="SYS")
+    row = prepared[0]
+    assert row["prompt"] == make_prompt(row["problem"], "SYS")
+    assert row["prompt"][0] == {"role": "system", "content": "SYS"}
+    assert isinstance(row["image"], Image.Image) and row["solution"].endswith("</answer>")
+
+
+# ---- eval split -----------------------------------------------------------------------------------------------
+
+
+def test_eval_split_is_deterministic_and_disjoint():
+    ds = datasets.Dataset.from_dict({"problem": [f"q{i}" for i in range(50)]})
+    train, held = split_train_eval(ds, 0.2, seed=7)
+    train2, held2 = split_train_eval(ds, 0.2, seed=7)
+    assert len(held) == 10 and len(train) == 40
+    assert held["problem"] == held2["problem"] and train["problem"] == train2["problem"]
+    assert not set(train["problem"]) & set(held["problem"])
+    assert set(train["problem"]) | set(held["problem"]) == set(ds["problem"])
+    _, other = split_train_eval(ds, 0.2, seed=8)
+    assert other["problem"] != held["problem"]
+
+
+def test_eval_split_edges():
+    ds = datasets.Dataset.from_dict({"problem": ["a", "b", "c"]})
+    assert split_train_eval(ds, 0, seed=0) == (ds, None)
+    train, held = split_train_eval(ds, 0.01, seed=0)  # at least one row held out
+    assert len(held) == 1 and len(train) == 2
+    with pytest.raises(DatasetError, match="leaves no training rows"):
+        split_train_eval(datasets.Dataset.from_dict({"problem": ["a"]}), 0.5, seed=0)
+
+
+# ---- prompt length = what the processor really produces ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(56, 56), (112, 84), (30, 200), (333, 250), (640, 640), (1200, 90)])
+def test_prompt_token_count_matches_the_processor(processor, size):
+    from trl.data_utils import prepare_multimodal_messages
+
+    problem = "How many red circles are in the image? Answer with a number."
+    image = Image.new("RGB", size, (0, 0, 255))
+    # what GRPOTrainer does with a row: the image goes into the conversation, the processor tokenizes it all
+    messages = prepare_multimodal_messages(make_prompt(problem, SYSTEM_PROMPT), images=[image])
+    tokenized = processor.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    real = len(tokenized["input_ids"][0])
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert tokenized["input_ids"][0].count(image_pad) > 1  # the placeholder was expanded
+    assert prompt_token_count(problem, *size, processor, SYSTEM_PROMPT) == real

@@ -1,0 +1,250 @@
+"""code/vlm-grpo/rewards.py on rows shaped like lmms-lab/multimodal-open-r1-8k-verified and TRL's completions."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import rewards
+from rewards import (
+    REWARD_FUNCS,
+    SYSTEM_PROMPT,
+    accuracy_reward,
+    digit_ratio_reward,
+    format_reward,
+    get_reward_funcs,
+    tag_count_reward,
+)
+
+
+def gold(answer: str, think: str = "I look at the image and work it out.") -> str:
+    """A `solution` cell in the dataset's own form."""
+    return f"<think>{think}</think>\n\n<answer>{answer}</answer>"
+
+
+def chat(text):
+    """A conversational completion as GRPOTrainer passes it for a conversational prompt."""
+    return [{"role": "assistant", "content": text}]
+
+
+def both_shapes(text: str) -> list:
+    return [chat(text), text]
+
+
+# ---- accuracy ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("<think>three red circles</think><answer>3</answer>", "3"),
+        ("<think>read it</think>\n<answer> 4071 </answer>", "4071"),
+        ("<think>x</think><answer>\\frac{1}{2}</answer>", "0.5"),  # LaTeX vs decimal, through math-verify
+        ("<think>x</think><answer>0.5</answer>", "\\frac{1}{2}"),
+        ("<think>x</think><answer>$\\frac{\\sqrt{2}}{2}$</answer>", "\\frac{1}{\\sqrt{2}}"),
+        ("<think>x</think><answer>1,234</answer>", "1234"),  # thousands separator
+        ("<think>x</think><answer>1234</answer>", "1,234"),
+        ("<think>x</think><answer>-1,234,567.5</answer>", "-1234567.5"),
+        ("<think>x</think><answer>\\boxed{7}</answer>", "7"),  # \boxed inside <answer>
+        ("The count is \\boxed{12}.", "12"),  # \boxed without tags
+        ("<think>x</think><answer>Blue</answer>", "blue"),  # text, case-insensitive
+        ("<think>x</think><answer>\\text{B}.</answer>", "B"),
+        ("I count them: 2, then 5, so 9", "9"),  # last number, no tags
+    ],
+)
+def test_accuracy_correct(completion, answer):
+    assert accuracy_reward(both_shapes(completion), [gold(answer)] * 2) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("<think>x</think><answer>4</answer>", "3"),
+        ("<think>x</think><answer>3</answer>", "30"),
+        ("<think>x</think><answer>\\frac{1}{3}</answer>", "0.5"),
+        ("<think>x</think><answer>red</answer>", "blue"),
+        ("<think>x</think><answer>1,2,3</answer>", "123"),  # a list is not a number with separators
+        ("<think>x</think><answer>1,5</answer>", "15"),
+        # the answer inside <think> does not count: the last <answer> block is graded
+        ("<think>maybe 3</think><answer>4</answer>", "3"),
+        ("<think>x</think><answer></answer>", "3"),
+        ("no numbers and no tags at all", "3"),
+    ],
+)
+def test_accuracy_wrong(completion, answer):
+    assert accuracy_reward(both_shapes(completion), [gold(answer)] * 2) == [0.0, 0.0]
+
+
+def test_accuracy_reads_gold_inside_answer_tags_not_think():
+    # KNOWN_ISSUES U2: math-verify alone reads nothing useful from `<think>…</think>\n\n<answer>…</answer>`;
+    # numbers in the gold's reasoning must not be taken for the answer.
+    solution = gold("5", think="There are 2 rows of 3 shapes minus 1, i.e. 6 - 1.")
+    assert accuracy_reward([chat("<think>x</think><answer>5</answer>")], [solution]) == [1.0]
+    assert accuracy_reward([chat("<think>x</think><answer>6</answer>")], [solution]) == [0.0]
+    assert accuracy_reward([chat("<think>x</think><answer>1</answer>")], [solution]) == [0.0]
+
+
+def test_accuracy_on_synthetic_rows_scores_only_the_true_answer():
+    from synthetic_data import make_synthetic_rows
+
+    rows = make_synthetic_rows(6, seed=3)
+    right = [chat(f"<think>ok</think><answer>{a}</answer>") for a in rows["original_answer"]]
+    wrong = [chat(f"<think>ok</think><answer>{int(a) + 1}</answer>") for a in rows["original_answer"]]
+    assert accuracy_reward(right, rows["solution"]) == [1.0] * 6
+    assert accuracy_reward(wrong, rows["solution"]) == [0.0] * 6
+
+
+def test_boxed_and_answer_tags_agree():
+    sol = [gold("\\frac{3}{4}")]
+    assert accuracy_reward([chat("<think>x</think><answer>\\frac{3}{4}</answer>")], sol) == [1.0]
+    assert accuracy_reward([chat("so \\boxed{\\frac{3}{4}}")], sol) == [1.0]
+    assert accuracy_reward([chat("so \\boxed{0.75}")], sol) == [1.0]
+    # a gold written as \boxed{} (other datasets) is read too
+    assert accuracy_reward([chat("<think>x</think><answer>0.75</answer>")], ["\\boxed{\\frac{3}{4}}"]) == [1.0]
+    # nested braces inside \boxed are balanced, not cut at the first `}`
+    assert rewards.extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+
+
+# ---- format ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>reasoning</think><answer>3</answer>", 1.0),
+        ("<think>\nmulti\nline\n</think>\n\n<answer>\n3\n</answer>\n", 1.0),
+        ("<think>reasoning</think>", 0.0),  # no answer
+        ("<answer>3</answer>", 0.0),  # no reasoning
+        ("<think>reasoning<answer>3</answer>", 0.0),  # unclosed think
+        ("<think>reasoning</think><answer>3", 0.0),  # unclosed answer
+        ("<answer>3</answer><think>reasoning</think>", 0.0),  # wrong order
+        ("Sure! <think>r</think><answer>3</answer>", 0.0),  # text outside the tags
+        ("<think>r</think><answer>3</answer> Hope this helps", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward(both_shapes(completion)) == [expected, expected]
+
+
+def test_system_prompt_asks_for_the_format_format_reward_checks():
+    # The prompt's own example, filled in: a model that follows the prompt to the letter must score 1.
+    example = re.search(r"<think>[^<]*\S[^<]*</think>\s*<answer>[^<]*\S[^<]*</answer>", SYSTEM_PROMPT)
+    assert example, "SYSTEM_PROMPT should show an example `<think> ... </think><answer> ... </answer>`"
+    completion = example.group(0).replace("reasoning process here", "I count 3 red circles").replace(
+        "answer here", "3"
+    )
+    assert completion != example.group(0), "the example's placeholders changed: update this test"
+    assert format_reward([chat(completion), completion]) == [1.0, 1.0]
+    assert accuracy_reward([chat(completion)], [gold("3")]) == [1.0]
+    # and the raw example, placeholders and all, is in the format too
+    assert format_reward([example.group(0)]) == [1.0]
+
+
+def test_tag_count_gives_partial_credit():
+    assert tag_count_reward(both_shapes("<think>a</think><answer>b</answer>")) == [1.0, 1.0]
+    assert tag_count_reward(["<think>a</think>"]) == [0.5]
+    assert tag_count_reward(["<think>a</think><think>b</think><answer>c</answer>"]) == [0.5]  # duplicates don't count
+    assert tag_count_reward(["plain"]) == [0.0]
+
+
+def test_digit_ratio():
+    assert digit_ratio_reward(["12ab"]) == [0.5]
+    assert digit_ratio_reward([chat("1 2 3")]) == [1.0]
+    assert digit_ratio_reward(["", "   "]) == [0.0, 0.0]
+
+
+# ---- malformed completions: no reward ever raises ----------------------------------------------------------------
+
+MALFORMED = [
+    None,
+    [],
+    [{}],
+    [{"role": "assistant", "content": None}],
+    [{"role": "assistant", "content": [{"type": "image"}, "junk", 5]}],
+    ["not a dict"],
+    42,
+    "<think>unclosed <answer>3",
+    "<answer>\\frac{1}{</answer>",  # broken LaTeX
+    "<answer>\\left( 1 \\right</answer>",
+    "<answer>$$$</answer>",
+    "<answer>}{}{\\boxed{</answer>",
+    "\\boxed{" * 2000,
+    "<think>" + "garbage " * 50_000,  # ~400 KB, no closing tags
+    "<answer>" + "9" * 5000 + "</answer>",
+    "\x00\ufffd<think>\udcff</think>",
+]
+
+
+@pytest.mark.parametrize("name", sorted(REWARD_FUNCS))
+def test_rewards_never_raise_and_return_one_float_per_completion(name):
+    func = REWARD_FUNCS[name]
+    scores = func(MALFORMED, solution=[gold("3")] * len(MALFORMED))
+    assert len(scores) == len(MALFORMED)
+    assert all(isinstance(s, float | int) and 0.0 <= s <= 1.0 for s in scores), scores
+
+
+def test_malformed_completions_score_zero_on_accuracy_and_format():
+    # gold 17 appears in none of them; an unclosed tag with the right number still earns accuracy (last-number
+    # fallback, below), so the gold here is one no malformed completion contains
+    assert accuracy_reward(MALFORMED, [gold("17")] * len(MALFORMED)) == [0.0] * len(MALFORMED)
+    assert format_reward(MALFORMED) == [0.0] * len(MALFORMED)
+
+
+def test_unclosed_tags_fall_back_to_the_last_number():
+    assert accuracy_reward([chat("<think>unclosed <answer>3")], [gold("3")]) == [1.0]
+    assert format_reward([chat("<think>unclosed <answer>3")]) == [0.0]
+
+
+def test_accuracy_never_raises_outside_the_main_thread():
+    """math-verify's timeout uses SIGALRM, which raises in worker threads: the reward must swallow it."""
+    import threading
+
+    result = {}
+
+    def score():
+        try:
+            result["scores"] = accuracy_reward([chat("<think>x</think><answer>\\frac{1}{2}</answer>")], [gold("0.5")])
+        except Exception as err:  # noqa: BLE001 - the assertion below reports it
+            result["error"] = err
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    worker.join()
+    assert "error" not in result, result.get("error")
+    assert len(result["scores"]) == 1
+
+
+def test_the_last_answer_block_is_graded():
+    completion = chat("<think>x</think><answer>4</answer> wait, recount: <answer>3</answer>")
+    assert accuracy_reward([completion], [gold("3")]) == [1.0]
+    assert accuracy_reward([completion], [gold("4")]) == [0.0]
+
+
+def test_structured_content_blocks_are_read():
+    completion = [{"role": "assistant", "content": [{"type": "text", "text": "<think>a</think><answer>3</answer>"}]}]
+    assert format_reward([completion]) == [1.0]
+    assert accuracy_reward([completion], [gold("3")]) == [1.0]
+
+
+def test_missing_or_empty_gold_scores_zero():
+    completion = chat("<think>x</think><answer>3</answer>")
+    assert accuracy_reward([completion, completion], [None, ""]) == [0.0, 0.0]
+
+
+# ---- registry ------------------------------------------------------------------------------------------------
+
+
+def test_registry_resolves_names_in_order():
+    assert get_reward_funcs(["accuracy", "format"]) == [accuracy_reward, format_reward]
+    assert set(REWARD_FUNCS) >= {"format", "accuracy", "tag_count", "digit_ratio"}
+
+
+def test_registry_error_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        get_reward_funcs(["format", "acuracy"])
+    message = str(err.value)
+    assert "acuracy" in message
+    for name in REWARD_FUNCS:
+        assert name in message
