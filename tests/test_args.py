@@ -89,7 +89,7 @@ def test_seed_flags_each_change_something():
 
 
 def test_unknown_flag_is_refused():
-    with pytest.raises(ValueError, match="no_such_flag"):
+    with pytest.raises(ConfigError, match="no_such_flag.*--help"):
         parse_args([*BASE, "--no_such_flag", "1"])
 
 
@@ -325,6 +325,14 @@ def test_resolve_args_puts_the_ban_in_generation_kwargs(processor):
     gen = args[1].generation_kwargs
     assert gen["top_k"] == 5
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") in gen["suppress_tokens"]
+
+
+def test_user_suppress_tokens_add_to_the_ban(processor):
+    args = parse_args(BASE)
+    args[1].generation_kwargs = {"suppress_tokens": [7]}
+    resolve_args(*args, processor=processor)
+    suppressed = args[1].generation_kwargs["suppress_tokens"]
+    assert 7 in suppressed and processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") in suppressed
 
 
 def test_tiny_model_never_generates_image_pad_with_the_ban(tiny_model, processor):

@@ -127,6 +127,8 @@ def parse_args(argv: list[str] | None = None):
         else:
             script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except ValueError as err:
+        if "not used by the HfArgumentParser" in str(err):  # a misspelled or unknown flag
+            raise ConfigError(f"{err}. `--help` lists the flags.") from err
         if "num_generations" not in str(err):
             raise
         # GRPOConfig's own message names generation_batch_size, which the user never set (KNOWN_ISSUES U8).
@@ -215,10 +217,11 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
     if training_args.resume_from_checkpoint is None:
         training_args.resume_from_checkpoint = find_resume_checkpoint(training_args.output_dir)
     if processor is not None:
-        training_args.generation_kwargs = {
-            **vision_token_ban(processor.tokenizer, training_args.use_vllm),
-            **(training_args.generation_kwargs or {}),
-        }
+        # The ban is merged into the user's own generation kwargs: a user `suppress_tokens`/`bad_words` adds to it.
+        kwargs = dict(training_args.generation_kwargs or {})
+        for key, banned in vision_token_ban(processor.tokenizer, training_args.use_vllm).items():
+            kwargs[key] = list(dict.fromkeys([*(kwargs.get(key) or []), *banned]))
+        training_args.generation_kwargs = kwargs
 
 
 def vision_token_ban(tokenizer, use_vllm: bool) -> dict:
