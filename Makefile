@@ -50,6 +50,14 @@ CKPT ?=
 MERGE_ARGS ?=
 ## EVAL_ARGS: arguments of scripts/evaluate.py for `make eval` (its docstring shows them; "--help" lists them)
 EVAL_ARGS ?=
+## PLOT_ARGS: arguments of scripts/plot_training.py for `make plot`: a run folder or trainer_state.json, [--output PNG]
+PLOT_ARGS ?=
+## INFER_ARGS: arguments of scripts/infer.py for `make infer`: --model DIR --image FILE --question TEXT
+INFER_ARGS ?=
+## DEMO_DIR: where `make learning-demo` writes its tiny model, run and evaluation
+DEMO_DIR ?= outputs/learning-demo
+## DEMO_FIGURE: the training-curves PNG `make learning-demo` writes (the one the experiment guide shows)
+DEMO_FIGURE ?= experiments/vlm-grpo/figures/learning_demo.png
 
 # ---- local Docker image (docker/Dockerfile) -----------------------------------------------------------
 ## DOCKER: container engine CLI
@@ -94,7 +102,7 @@ FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISIO
 TRAIN_ENTRY = accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(ARGS)), $(ARGS))
 
 .PHONY: help info venv smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
-        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval
+        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval plot infer learning-demo
 
 help: ## list targets and knobs (this text)
 	@echo 'Usage: make TARGET [KNOB=value ...]    e.g. make flexai-train ACCELS=4'
@@ -165,12 +173,21 @@ flexai-fetch: ## download checkpoint CKPT (a LoRA adapter) into the current fold
 	$(require-ckpt)$(require-flexai)
 	$(FLEXAI) checkpoint fetch $(call q,$(CKPT))
 
-# ---- after training: merge the adapter, evaluate ---------------------------------------------------------------
+# ---- after training: merge, evaluate, plot, infer ---------------------------------------------------------------
 merge: $(STAMP) ## merge a fetched LoRA adapter into its base model (scripts/merge_lora.py MERGE_ARGS)
 	$(VPY) scripts/merge_lora.py $(MERGE_ARGS)
 
-eval: $(STAMP) ## score a model or adapter with the reward functions (scripts/evaluate.py EVAL_ARGS)
+eval: $(STAMP) ## score base vs trained model on held-out questions with the reward functions (scripts/evaluate.py EVAL_ARGS)
 	$(VPY) scripts/evaluate.py $(EVAL_ARGS)
+
+plot: $(STAMP) ## PNG of a run's rewards, accuracy, format, length, clip ratio, entropy (scripts/plot_training.py PLOT_ARGS)
+	$(VPY) scripts/plot_training.py $(PLOT_ARGS)
+
+infer: $(STAMP) ## answer one question about one image with a (merged) model (scripts/infer.py INFER_ARGS)
+	$(VPY) scripts/infer.py $(INFER_ARGS)
+
+learning-demo: $(STAMP) ## offline proof that GRPO helps: tiny model, synthetic task, CPU; writes DEMO_FIGURE
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) scripts/learning_demo.py --out_dir $(call q,$(DEMO_DIR)) --figure $(call q,$(DEMO_FIGURE))
 
 # ---- Docker: the FlexAI runtime, locally -------------------------------------------------------------------
 docker-build: ## build IMAGE from docker/Dockerfile: the runtime's torch 2.8.0 + CUDA 12.8 + vLLM 0.11.0

@@ -21,9 +21,9 @@ MAKEFILE = REPO / "Makefile"
 # run with the stand-ins: they only call the flexai/docker CLIs (or print)
 EXECUTED = re.compile(r"^(flexai-.*|docker-build|local-smoke|help|info)$")
 # resolved with `make -n` only: they install, train or need scripts other issues provide
-DRY_RUN = {"venv", "smoke", "test", "merge", "eval"}
+DRY_RUN = {"venv", "smoke", "test", "merge", "eval", "plot", "infer", "learning-demo"}
 # links to files that parallel work adds; drop an entry once the file is in the repository
-PENDING_LINKS = {"BENCHMARKS.md", "../../scripts/merge_lora.py", "../../scripts/evaluate.py"}
+PENDING_LINKS = {"BENCHMARKS.md"}
 
 
 def guide_commands() -> list[list[str]]:

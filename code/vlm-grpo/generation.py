@@ -1,0 +1,123 @@
+"""Answer image questions with a trained model, outside the trainer: batched transformers generation, or vLLM.
+
+The prompt is built exactly as TRL's GRPOTrainer builds it during training (the dataset's conversational `prompt`
+with the row's image placed before the user's text, then the processor's chat template), so evaluation and
+inference see the same input the policy was trained on. Vision special tokens are banned from sampling as in
+training (grpo_vlm.py, KNOWN_ISSUES M5): a generated `<|image_pad|>` is meaningless outside the image slot.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+# The same list grpo_vlm.py bans during training; kept here so inference does not import the trainer stack.
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 1024
+    temperature: float = 0.0  # 0: greedy, the usual choice for measuring accuracy
+    top_p: float = 1.0
+    num_samples: int = 1  # completions per question; >1 (with temperature > 0) estimates the sampling policy
+    batch_size: int = 8  # questions per forward pass (HF backend)
+
+
+def with_image(prompt: list[dict]) -> list[dict]:
+    """The conversational prompt with an image slot before the user's text (what TRL does for image rows)."""
+    messages = copy.deepcopy(prompt)
+    for message in messages:
+        if message["role"] == "user":
+            text = message["content"]
+            if isinstance(text, str):
+                message["content"] = [{"type": "image"}, {"type": "text", "text": text}]
+            break
+    else:
+        raise ValueError("prompt has no user message to attach the image to")
+    return messages
+
+
+def prompt_texts(processor, prompts: list[list[dict]]) -> list[str]:
+    return [
+        processor.apply_chat_template(with_image(p), add_generation_prompt=True, tokenize=False) for p in prompts
+    ]
+
+
+def model_inputs(processor, prompts: list[list[dict]], images: list, device="cpu"):
+    """Tokenized, left-padded batch of prompts with their images (pixel values and grid sizes included)."""
+    inputs = processor(
+        text=prompt_texts(processor, prompts), images=[[im] for im in images], padding=True, return_tensors="pt"
+    )
+    return inputs.to(device)
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab]
+
+
+def hf_generate(model, processor, prompts, images, settings: GenerationSettings, progress=None) -> list[list[str]]:
+    """`settings.num_samples` completions for each prompt, with transformers' `generate`, in batches.
+
+    `progress`, if given, is called with the number of prompts done after each batch (a progress bar's update)."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device
+    greedy = settings.temperature <= 0
+    kwargs = dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=not greedy,
+        num_return_sequences=settings.num_samples,
+        suppress_tokens=banned_token_ids(tokenizer) or None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if not greedy:
+        # top_k=0 as in TRL's GRPOConfig: otherwise the model's generation_config (often top_k=50) would sample
+        # from a narrower distribution than the one the policy was trained on
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:
+        # the model's generation_config may ask for sampling; greedy must not inherit its temperature/top_k
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), settings.batch_size):
+        batch_prompts = prompts[start : start + settings.batch_size]
+        inputs = model_inputs(processor, batch_prompts, images[start : start + settings.batch_size], device)
+        with torch.no_grad():
+            generated = model.generate(**inputs, **kwargs)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i in range(len(batch_prompts)):
+            out.append(texts[i * settings.num_samples : (i + 1) * settings.num_samples])
+        if progress:
+            progress(len(batch_prompts))
+    return out
+
+
+def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings, lora_request=None) -> list[list[str]]:
+    """The same completions with a vLLM engine (`vllm.LLM`); `lora_request` applies an adapter without merging."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        n=settings.num_samples,
+        temperature=max(settings.temperature, 0.0),
+        top_p=settings.top_p,
+        max_tokens=settings.max_new_tokens,
+        bad_words=[t for t in VISION_SPECIAL_TOKENS if t in processor.tokenizer.get_vocab()],
+    )
+    requests = [
+        {"prompt": text, "multi_modal_data": {"image": image}}
+        for text, image in zip(prompt_texts(processor, prompts), images, strict=True)
+    ]
+    results = llm.generate(requests, params, lora_request=lora_request, use_tqdm=True)
+    return [[o.text for o in r.outputs] for r in results]
+
+
+def vllm_available() -> bool:
+    try:
+        import torch
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()  # this stack's vLLM has no CPU backend

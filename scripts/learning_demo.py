@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Offline proof that GRPO training helps: train the tiny model on the synthetic task, then evaluate the adapter
+against the base model on the held-out split and plot the run. A few minutes on a laptop CPU; no download.
+
+    python scripts/learning_demo.py --out_dir outputs/learning-demo \\
+        --figure experiments/vlm-grpo/figures/learning_demo.png          # what `make learning-demo` runs
+
+The reward is `digit_ratio` (share of digits in the completion), not the task's accuracy: a random-weights model
+never answers correctly or in format, so those rewards are 0 for every completion, their advantages are 0 and
+nothing would move. digit_ratio varies between completions even at random, so advantages, loss and LoRA updates
+all have something to act on. LoRA also targets `lm_head`: in the tiny model the embeddings are initialised with
+std 0.02, which caps how far attention-only LoRA (q_proj/v_proj) can move the output logits (we measured
+held-out digit_ratio 0.026 -> 0.036 after 40 steps at lr 5e-3); on a pretrained model q_proj/v_proj suffice. tests/test_learning.py
+runs this script and asserts the margins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "code" / "vlm-grpo"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+# Training flags of the demo, tuned on the tiny model: digit_ratio goes ~0.04 -> ~0.95 in 20-24 steps (lr 5e-3 needed
+# 30 steps for ~0.8; q_proj/v_proj alone at lr 5e-3..1e-1 stayed under 0.06).
+TRAIN_FLAGS = [
+    "--dataset_name", "synthetic", "--synthetic_rows", "256",
+    "--eval_fraction", "0.1",  # 25 held-out questions, never trained on
+    "--reward_funcs", "digit_ratio",
+    "--max_steps", "24",
+    "--learning_rate", "1e-2",  # LoRA on a random model tolerates (and needs) a far larger lr than 1e-5
+    "--lora_r", "8",
+    "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "lm_head",
+    "--per_device_train_batch_size", "8", "--num_generations", "8",  # one question, 8 completions per step
+    "--max_completion_length", "32",
+    "--logging_steps", "1", "--save_steps", "24",
+    "--report_to", "none",
+    "--seed", "42",
+]
+# Evaluation samples like training (temperature 1, top_k off): the policy GRPO optimised is the sampling one.
+EVAL_FLAGS = ["--dataset_name", "synthetic", "--synthetic_rows", "256", "--eval_fraction", "0.1", "--seed", "42",
+              "--max_samples", "12", "--num_samples", "4", "--temperature", "1.0", "--max_new_tokens", "32",
+              "--backend", "hf", "--no_progress"]
+
+
+def run(out_dir: Path, figure: Path | None) -> dict:
+    import evaluate
+    import make_tiny_model
+    import plot_training
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = out_dir / "tiny-qwen2.5-vl"
+    if not (model / "config.json").is_file():
+        make_tiny_model.build(model)
+    run_dir = out_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # grpo_vlm.py would resume from an old checkpoint-N otherwise
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    subprocess.run(
+        [sys.executable, str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), "--model_name_or_path", str(model),
+         "--output_dir", str(run_dir), *TRAIN_FLAGS],
+        check=True, env=env, stdout=open(out_dir / "train.log", "w"), stderr=subprocess.STDOUT,
+    )
+    train_s = time.time() - t0
+    state_file = plot_training.find_trainer_state(run_dir)
+    rewards = [e["reward"] for e in plot_training.load_history(state_file)]
+
+    t0 = time.time()
+    report = evaluate.main(["--model_name_or_path", str(model), "--adapter", str(run_dir),
+                            "--output_dir", str(out_dir / "eval"), *EVAL_FLAGS])
+    eval_s = time.time() - t0
+    if figure:
+        plot_training.plot(plot_training.load_history(state_file), figure,
+                           "GRPO on the tiny model, synthetic task, digit_ratio reward (scripts/learning_demo.py)")
+    scores = {label: m["scores"]["digit_ratio"] for label, m in report["models"].items()}
+    result = {
+        "train_rewards_first5": sum(rewards[:5]) / 5,
+        "train_rewards_last5": sum(rewards[-5:]) / 5,
+        "heldout_digit_ratio": scores,
+        "heldout_margin": scores["adapter"] - scores["base"],
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "run_dir": str(run_dir),
+        "model": str(model),
+    }
+    (out_dir / "learning_demo.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="outputs/learning-demo", help="tiny model, run, evaluation")
+    parser.add_argument("--figure", help="also write the training curves PNG here")
+    args = parser.parse_args(argv)
+    result = run(Path(args.out_dir), Path(args.figure) if args.figure else None)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
