@@ -279,3 +279,17 @@ def test_prompt_token_count_matches_the_processor(processor, size):
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert tokenized["input_ids"][0].count(image_pad) > 1  # the placeholder was expanded
     assert prompt_token_count(problem, *size, processor, SYSTEM_PROMPT) == real
+
+
+@pytest.mark.parametrize("name", ["empty.parquet", "empty.jsonl"])
+def test_empty_or_corrupt_local_file_is_a_dataset_error(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("image", "problem", "solution")}), path)
+    else:
+        path.write_text("")
+    with pytest.raises(DatasetError, match="could not read it as a dataset"):
+        load_raw_dataset(str(path))

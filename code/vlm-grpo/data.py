@@ -68,10 +68,13 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
         files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         parquet = [str(f) for f in files if f.suffix == ".parquet"]
         jsonl = [f for f in files if f.suffix in (".jsonl", ".json")]
-        if parquet:
-            return datasets.load_dataset("parquet", data_files=parquet, split="train")
-        if jsonl:
-            return _load_jsonl(jsonl)
+        try:
+            if parquet:
+                return datasets.load_dataset("parquet", data_files=parquet, split="train")
+            if jsonl:
+                return _load_jsonl(jsonl)
+        except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:  # empty, corrupt
+            raise DatasetError(f"{path}: could not read it as a dataset ({type(err).__name__}: {err})") from err
         raise DatasetError(
             f"{path}: no dataset found. Expected a .parquet file or folder of them, a .jsonl file with an `image` "
             "path column, or a folder written by `Dataset.save_to_disk`."
