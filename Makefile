@@ -48,6 +48,10 @@ ARGS ?=
 CKPT ?=
 ## MERGE_ARGS: arguments of scripts/merge_lora.py for `make merge` (its docstring shows them; "--help" lists them)
 MERGE_ARGS ?=
+## BENCH_PYTHON: interpreter of `make bench`: the GPU machine's own (CUDA torch), not the CPU-only $(VENV)
+BENCH_PYTHON ?= python3
+## BENCH_ARGS: arguments of scripts/bench.py, e.g. BENCH_ARGS="--configs seed --steps 2" ("--help" lists them)
+BENCH_ARGS ?=
 ## EVAL_ARGS: arguments of scripts/evaluate.py for `make eval` (its docstring shows them; "--help" lists them)
 EVAL_ARGS ?=
 ## PLOT_ARGS: arguments of scripts/plot_training.py for `make plot`: a run folder or trainer_state.json, [--output PNG]
@@ -102,7 +106,7 @@ FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISIO
 TRAIN_ENTRY = accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(ARGS)), $(ARGS))
 
 .PHONY: help info venv smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
-        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval plot infer learning-demo
+        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval bench plot infer learning-demo
 
 help: ## list targets and knobs (this text)
 	@echo 'Usage: make TARGET [KNOB=value ...]    e.g. make flexai-train ACCELS=4'
@@ -188,6 +192,9 @@ infer: $(STAMP) ## answer one question about one image with a (merged) model (sc
 
 learning-demo: $(STAMP) ## offline proof that GRPO helps: tiny model, synthetic task, CPU; writes DEMO_FIGURE
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) scripts/learning_demo.py --out_dir $(call q,$(DEMO_DIR)) --figure $(call q,$(DEMO_FIGURE))
+
+bench: ## GPU benchmark: seed vs tuned GRPO steps on the 3B architecture (experiments/vlm-grpo/BENCHMARKS.md)
+	$(BENCH_PYTHON) scripts/bench.py $(BENCH_ARGS)
 
 # ---- Docker: the FlexAI runtime, locally -------------------------------------------------------------------
 docker-build: ## build IMAGE from docker/Dockerfile: the runtime's torch 2.8.0 + CUDA 12.8 + vLLM 0.11.0

@@ -1,0 +1,590 @@
+#!/usr/bin/env python
+"""Benchmark GRPO steps of the recipe: each phase timed, throughput, peak memory and training-phase MFU.
+
+    python3 scripts/bench.py --out outputs/bench                       # `make bench`: seed vs tuned, 3B architecture
+    python3 scripts/bench.py --out outputs/bench-cpu --preset tiny --warmup 1 --steps 1 --completion_length 16
+
+What runs: Qwen2.5-VL-3B-Instruct's architecture with random weights (scripts/make_tiny_model.py --preset 3b, built
+offline), the synthetic dataset at a realistic image size (448 px: 1024 patches, 256 image tokens), LoRA on q_proj
+and v_proj, bf16, ZeRO-3 over all visible GPUs through the project's accelerate config and the training script's own
+stages (grpo_vlm.setup / grpo_vlm.train). Each configuration is a separate `accelerate launch`; this file is also
+its entry point (`--worker`), which wraps trainer methods with timers before calling the script's stages.
+
+Fixed completion length: random weights almost never emit EOS, but "almost" would still make runs differ, so every
+completion is forced to exactly --completion_length tokens (`min_new_tokens` for transformers; `min_tokens` for
+vLLM), passed as generation_kwargs through a `--config` YAML (the CLI cannot take a dict for it).
+
+Phases (seconds per optimizer step, CUDA-synchronized at each boundary): generation (transformers or vLLM, weight
+sync into vLLM reported apart), reward, log-probs without gradient (old policy / reference, when the configuration
+needs them), other rollout work (tokenizing, image processing, gathers), loss forward, backward (recomputation
+under checkpointing included), optimizer step.
+
+FLOPs of one training micro-batch (B sequences padded to T tokens, Tc of them completion; L layers of width d; N
+linear weights per layer; V vocabulary; r LoRA rank). The model is frozen but for LoRA, so backward computes
+input gradients only (same FLOPs as forward) and no base weight gradients:
+  text forward   2·B·T·N·L + 2·B·T²·d·L (causal attention: half of QKᵀ and AV) + 2·B·(Tc+1)·d·V (LM head, completion
+                 positions only: TRL passes logits_to_keep) + LoRA 2·B·T·r·(in+out) per adapted matrix
+  text backward  the linear and LM-head terms again, attention twice, LoRA twice (input and weight gradients)
+  recompute      the decoder layers' forward again (gradient checkpointing)
+  vision forward per image of P patches: patch embedding, 32 blocks (qkv, proj, gated MLP; attention over 64-patch
+                 windows, or all P patches in the 4 full-attention blocks), the 2x2 merger; no backward: nothing in the
+                 tower is trainable and its input needs no gradient
+MFU = (forward + backward + recompute FLOPs) / (forward + backward seconds) / the bf16 matmul rate measured on the
+same GPU at the start of this run (8192³ products). `model MFU` leaves recomputation out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import importlib.util
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "code" / "vlm-grpo"
+ACCEL_CONFIG = RECIPE / "deepspeed_zero3.yaml"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+# The seed's grpo_vlm.py flags (experiments/vlm-grpo/README.md), without model and output dir; --max_completion_length
+# is set from --completion_length, --use_vllm ... added where vLLM is importable.
+SEED_FLAGS = [
+    "--learning_rate", "1e-5", "--gradient_checkpointing", "--dtype", "bfloat16",
+    "--max_prompt_length", "2048",
+    "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+    "--log_completions", "--logging_steps", "200",
+]
+# 0.3: what the colocate budget in experiments/vlm-grpo/BENCHMARKS.md leaves room for next to ZeRO-3 training.
+VLLM_FLAGS = ["--use_vllm", "--vllm_mode", "colocate", "--vllm_gpu_memory_utilization", "0.3"]
+
+# name -> flags added to the seed's. The seed trains 8 completions per GPU per step (2 prompts x 8 generations over 2
+# GPUs) and generates them in one batch of 8 per GPU; "tuned" generates 64 per GPU at once (16 per micro-batch x 4
+# accumulation steps): transformers' decoding is bound by per-token overhead, so 8x the sequences cost little more
+# time, and the larger micro-batch feeds the matrix units better. See experiments/vlm-grpo/BENCHMARKS.md.
+CONFIGS = {
+    "seed": [],
+    "tuned": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4"],
+}
+
+
+# ---- FLOP count ------------------------------------------------------------------------------------------------
+
+
+def load_arch(model_dir: Path) -> dict:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text = {**cfg, **cfg.get("text_config", {})}
+    vis = cfg["vision_config"]
+    return {
+        "d": text["hidden_size"],
+        "ff": text["intermediate_size"],
+        "L": text["num_hidden_layers"],
+        "kv": text["num_key_value_heads"] * (text["hidden_size"] // text["num_attention_heads"]),
+        "V": text["vocab_size"],
+        "vd": vis["hidden_size"],
+        "vff": vis["intermediate_size"],
+        "vdepth": vis["depth"],
+        "vfull": len(vis.get("fullatt_block_indexes", [])),
+        "vout": vis["out_hidden_size"],
+        "patch_in": 3 * vis.get("temporal_patch_size", 2) * vis["patch_size"] ** 2,
+        "merge": vis["spatial_merge_size"] ** 2,
+        "window": (vis["window_size"] // vis["patch_size"]) ** 2,  # patches per attention window (8x8 at 112 px)
+    }
+
+
+def vision_forward_flops(a: dict, patches: int) -> float:
+    P, D = patches, a["vd"]
+    per_block_linear = 2 * P * (D * 3 * D + D * D + 3 * D * a["vff"])
+    windowed = a["vdepth"] - a["vfull"]
+    attention = windowed * 4 * P * min(a["window"], P) * D + a["vfull"] * 4 * P * P * D
+    merged = P / a["merge"]
+    merger = 2 * merged * (a["merge"] * D * a["merge"] * D + a["merge"] * D * a["vout"])
+    return 2 * P * a["patch_in"] * D + a["vdepth"] * per_block_linear + attention + merger
+
+
+def train_flops(a: dict, B: int, T: int, Tc: int, image_patches: list[int], lora_r: int, checkpointing: bool) -> dict:
+    d, L = a["d"], a["L"]
+    layer_linear = d * (2 * d + 2 * a["kv"]) + 3 * d * a["ff"]
+    lora = L * 2 * B * T * lora_r * ((d + d) + (d + a["kv"]))  # q_proj d->d, v_proj d->kv
+    decoder_fwd = 2 * B * T * layer_linear * L + 2 * B * T * T * d * L + lora
+    head = 2 * B * (Tc + 1) * d * a["V"]
+    vision = sum(vision_forward_flops(a, p) for p in image_patches)
+    fwd = decoder_fwd + head + vision
+    bwd = 2 * B * T * layer_linear * L + 2 * (2 * B * T * T * d * L) + 2 * lora + head
+    recompute = decoder_fwd if checkpointing else 0
+    return {"fwd": fwd, "bwd": bwd, "recompute": recompute, "vision": vision}
+
+
+# ---- worker: one process of `accelerate launch` ----------------------------------------------------------------
+
+
+class Recorder:
+    """Per-rank phase timers and counters, one JSON line per optimizer step."""
+
+    def __init__(self, path: Path, arch: dict):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.path, self.arch = path, arch
+        self.lora_r, self.checkpointing = 16, False
+        self.last_end = None
+        self.reset()
+
+    def reset(self):
+        self.phases: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def add(self, key: str, value: float, table: str = "phases"):
+        t = getattr(self, table)
+        t[key] = t.get(key, 0.0) + value
+
+    def timed(self, name: str, fn, when=None, after=None):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if when is not None and not when():
+                return fn(*args, **kwargs)
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.add(name, time.perf_counter() - t0)
+            if after is not None:
+                after(args, kwargs, out)
+            return out
+
+        return wrapper
+
+    def count_generation(self, args, kwargs, out):
+        completion_ids = out[0]
+        self.add("completions_generated", len(completion_ids), "counts")
+        self.add("generated_tokens", sum(len(c) for c in completion_ids), "counts")
+
+    def count_training(self, args, kwargs, out):
+        inputs = args[2] if len(args) > 2 else kwargs["inputs"]
+        B, Tp = inputs["prompt_ids"].shape
+        Tc = inputs["completion_ids"].shape[1]
+        grids = inputs.get("image_grid_thw")
+        patches = [int(g.prod()) for g in grids] if grids is not None else []
+        f = train_flops(self.arch, B, Tp + Tc, Tc, patches, self.lora_r, self.checkpointing)
+        for key, value in f.items():
+            self.add(f"flops_{key}", value, "counts")
+        self.add("completions_trained", B, "counts")
+        self.add("train_tokens_padded", B * (Tp + Tc), "counts")
+        real = int(inputs["prompt_mask"].sum()) + int(inputs["completion_mask"].sum())
+        self.add("train_tokens_real", real, "counts")
+        self.add("image_patches", sum(patches), "counts")
+
+    def step_begin(self):
+        self.sync()
+        if self.last_end is None:
+            self.last_end = time.perf_counter()
+        self.begin = time.perf_counter()
+
+    def step_end(self, step: int):
+        self.sync()
+        now = time.perf_counter()
+        mem = {}
+        if self.cuda:
+            t = self.torch.cuda
+            mem = {"max_allocated": t.max_memory_allocated(), "max_reserved": t.max_memory_reserved()}
+        record = {
+            "step": step,
+            "step_s": now - self.begin,
+            "interval_s": now - self.last_end,  # since the previous step ended: data loading and logging included
+            "phases": self.phases,
+            "counts": self.counts,
+            "memory": mem,
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last_end = now
+        self.reset()
+
+
+def install_timers(rec: Recorder):
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from zero3 import VLMGRPOTrainer
+
+    def patch(cls, name, phase, **kw):
+        setattr(cls, name, rec.timed(phase, getattr(cls, name), **kw))
+
+    patch(VLMGRPOTrainer, "_generate_and_score_completions", "rollout")
+    patch(VLMGRPOTrainer, "_generate_single_turn", "generation", after=rec.count_generation)
+    patch(VLMGRPOTrainer, "_calculate_rewards", "reward")
+    # With gradients off, this is the old-policy or reference log-prob pass of the rollout; with gradients on it is
+    # inside compute_loss, timed there.
+    patch(VLMGRPOTrainer, "_get_per_token_logps_and_entropies", "logps_nograd", when=lambda: not torch.is_grad_enabled())
+    patch(VLMGRPOTrainer, "compute_loss", "forward", after=rec.count_training)
+    patch(DeepSpeedEngine, "backward", "backward")
+    patch(DeepSpeedEngine, "step", "optimizer")
+
+
+def worker(spec_path: str) -> None:
+    import logging
+
+    import torch
+    from transformers import TrainerCallback
+
+    spec = json.loads(Path(spec_path).read_text())
+    sys.path.insert(0, str(RECIPE))
+    import grpo_vlm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    rec = Recorder(Path(spec["record_dir"]) / f"rank{rank}.jsonl", load_arch(Path(spec["model"])))
+    install_timers(rec)
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            rec.step_begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rec.step_end(state.global_step)
+
+    script_args, training_args, model_args = grpo_vlm.parse_args(spec["argv"])
+    rec.lora_r = model_args.lora_r
+    rec.checkpointing = bool(training_args.gradient_checkpointing)
+    processor = grpo_vlm.setup(script_args, training_args, model_args)
+
+    build_trainer = grpo_vlm.build_trainer
+
+    def build_with_timers(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(Steps())
+        vllm = getattr(trainer, "vllm_generation", None)
+        if vllm is not None and hasattr(vllm, "sync_weights"):
+            vllm.sync_weights = rec.timed("weight_sync", vllm.sync_weights)
+        return trainer
+
+    grpo_vlm.build_trainer = build_with_timers  # grpo_vlm.train looks it up at call time
+    grpo_vlm.train(script_args, training_args, model_args, processor)  # no save: the bench measures steps only
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---- parent: build inputs, run each configuration, report ---------------------------------------------------------
+
+
+def measure_matmul() -> None:
+    """Print the bf16 matmul rate of each visible GPU as JSON (run in a child so the parent holds no CUDA context)."""
+    import torch
+
+    n, rates = 8192, []
+    for i in range(torch.cuda.device_count()):
+        with torch.cuda.device(i):
+            a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            for _ in range(5):
+                a @ b
+            times = []
+            for _ in range(20):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                a @ b
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            rates.append({"gpu": i, "name": torch.cuda.get_device_name(i), "tflops": 2 * n**3 / statistics.median(times) / 1e12})
+            del a, b
+    print(json.dumps(rates))
+
+
+class GpuMemoryPoller:
+    """Peak memory.used per GPU as nvidia-smi reports it (context, NCCL buffers and allocator cache included)."""
+
+    def __init__(self, period_s: float = 0.5):
+        self.period_s, self.peak, self._stop = period_s, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=10,
+                ).stdout
+                for line in out.strip().splitlines():
+                    i, used = (int(x) for x in line.split(","))
+                    self.peak[i] = max(self.peak.get(i, 0), used)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "vllm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return len([line for line in out.splitlines() if line.startswith("GPU ")])
+    except (OSError, subprocess.SubprocessError):
+        return 0
+
+
+def config_argv(name: str, args, model: Path, data: Path, out_dir: Path, gen_yaml: Path) -> list[str]:
+    argv = [
+        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out_dir),
+        *SEED_FLAGS, "--max_completion_length", str(args.completion_length),
+        *(VLLM_FLAGS if HAS_VLLM else []),
+        *CONFIGS[name],
+        "--max_steps", str(args.warmup + args.steps), "--save_strategy", "no", "--report_to", "none",
+        "--config", str(gen_yaml),
+    ]
+    return argv + args.extra
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill the launcher and every rank. Killing the launcher's process group is not enough: torch's elastic agent
+    starts each rank in a session of its own, so on the first device run the timed-out seed ranks kept training
+    while the next configuration ran beside them on the same GPUs."""
+    try:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+    except Exception:  # noqa: BLE001 - psutil missing or the tree already gone: fall back to the group
+        pass
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_config(name: str, args, model: Path, data: Path, env: dict) -> dict:
+    run_dir = Path(args.out) / name
+    record_dir = run_dir / "records"
+    record_dir.mkdir(parents=True, exist_ok=True)
+    for old in record_dir.glob("rank*.jsonl"):
+        old.unlink()
+    gen_kwargs = {"min_tokens": args.completion_length} if HAS_VLLM else {"min_new_tokens": args.completion_length}
+    gen_yaml = run_dir / "generation.yaml"
+    gen_yaml.write_text(json.dumps({"generation_kwargs": gen_kwargs}) + "\n")  # JSON is YAML
+    spec = {"argv": config_argv(name, args, model, data, run_dir / "trainer", gen_yaml), "record_dir": str(record_dir),
+            "model": str(model)}
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={ACCEL_CONFIG}"]
+    if args.num_processes != 2:
+        launch += ["--num_processes", str(args.num_processes)]
+    cmd = [*launch, str(Path(__file__).resolve()), "--worker", str(spec_path)]
+    log_path = Path(args.out) / f"{name}.log"
+    print(f"[bench] {name}: {' '.join(cmd)}\n[bench] {name} script args: {' '.join(spec['argv'])}", flush=True)
+    t0 = time.time()
+    status = "ok"
+    with log_path.open("w") as log, GpuMemoryPoller() as poller:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout_s)
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            proc.wait()
+            status = f"timeout after {args.timeout_s} s"
+    result = summarize(name, record_dir, args.warmup, args.matmul_tflops)
+    result.update(status=status, wall_s=round(time.time() - t0, 1), log=str(log_path), script_args=spec["argv"],
+                  nvidia_smi_peak_mib=poller.peak)
+    if status != "ok":
+        tail = log_path.read_text(errors="replace").splitlines()[-40:]
+        print(f"[bench] {name}: {status}; log tail:\n" + "\n".join(tail), flush=True)
+    return result
+
+
+def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict]) -> dict:
+    ranks = {}
+    for path in sorted(record_dir.glob("rank*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        ranks[int(path.stem[4:])] = [r for r in records if r["step"] > warmup]
+    measured = [len(v) for v in ranks.values()]
+    if not ranks or not min(measured):
+        return {"name": name, "measured_steps": 0}
+    n = min(measured)
+    per_rank = []
+    for rank, records in sorted(ranks.items()):
+        records = records[:n]
+        phases, counts = {}, {}
+        for r in records:
+            for k, v in r["phases"].items():
+                phases[k] = phases.get(k, 0.0) + v
+            for k, v in r["counts"].items():
+                counts[k] = counts.get(k, 0.0) + v
+        interval = sum(r["interval_s"] for r in records)
+        fb = phases.get("forward", 0.0) + phases.get("backward", 0.0)
+        flops_hw = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0) + counts.get("flops_recompute", 0)
+        flops_model = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0)
+        peak = next((m["tflops"] for m in matmul if m["gpu"] == rank), None)
+        per_rank.append({
+            "rank": rank,
+            "interval_s": interval,
+            "phases_per_step": {k: v / n for k, v in phases.items()},
+            "completions_trained": counts.get("completions_trained", 0),
+            "generated_tokens": counts.get("generated_tokens", 0),
+            "gen_tok_s": counts.get("generated_tokens", 0) / phases["generation"] if phases.get("generation") else None,
+            "train_tok_s": counts.get("train_tokens_padded", 0) / fb if fb else None,
+            "train_tokens_padded_per_step": counts.get("train_tokens_padded", 0) / n,
+            "train_tokens_real_per_step": counts.get("train_tokens_real", 0) / n,
+            "train_tflops": flops_hw / fb / 1e12 if fb else None,
+            "mfu": flops_hw / fb / 1e12 / peak if fb and peak else None,
+            "model_mfu": flops_model / fb / 1e12 / peak if fb and peak else None,
+            "flops_per_step": {k[6:]: v / n for k, v in counts.items() if k.startswith("flops_")},
+            "max_allocated_gib": records[-1]["memory"].get("max_allocated", 0) / 2**30,
+            "max_reserved_gib": records[-1]["memory"].get("max_reserved", 0) / 2**30,
+            "step_s": [round(r["interval_s"], 2) for r in records],
+        })
+    step_s = max(r["interval_s"] for r in per_rank) / n  # the slowest rank sets the pace
+    completions = sum(r["completions_trained"] for r in per_rank) / n
+
+    def mean(key):
+        vals = [r[key] for r in per_rank if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    phase_names = sorted({k for r in per_rank for k in r["phases_per_step"]})
+    phases = {k: sum(r["phases_per_step"].get(k, 0.0) for r in per_rank) / len(per_rank) for k in phase_names}
+    return {
+        "name": name,
+        "measured_steps": n,
+        "step_s": step_s,
+        "completions_per_step": completions,
+        "samples_per_s": completions / step_s,
+        "gen_tok_s_per_gpu": mean("gen_tok_s"),
+        "train_tok_s_per_gpu": mean("train_tok_s"),
+        "mfu": mean("mfu"),
+        "model_mfu": mean("model_mfu"),
+        "train_tflops_per_gpu": mean("train_tflops"),
+        "peak_allocated_gib": max(r["max_allocated_gib"] for r in per_rank),
+        "peak_reserved_gib": max(r["max_reserved_gib"] for r in per_rank),
+        "phases_per_step": phases,
+        "per_rank": per_rank,
+    }
+
+
+PHASE_ORDER = ["rollout", "generation", "weight_sync", "reward", "logps_nograd", "forward", "backward", "optimizer"]
+
+
+def table(results: list[dict]) -> str:
+    def f(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    head = ("| config | status | steps | s/step | completions/step | samples/s | gen tok/s/GPU | train tok/s/GPU | "
+            "train TFLOP/s/GPU | MFU (with recompute) | model MFU | peak alloc GiB | peak reserved GiB | nvidia-smi peak GiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        smi = r.get("nvidia_smi_peak_mib") or {}
+        lines.append(
+            f"| {r['name']} | {r.get('status', '-')} | {r.get('measured_steps', 0)} | {f(r.get('step_s'))} | "
+            f"{f(r.get('completions_per_step'), '.0f')} | {f(r.get('samples_per_s'))} | {f(r.get('gen_tok_s_per_gpu'), '.0f')} | "
+            f"{f(r.get('train_tok_s_per_gpu'), '.0f')} | {f(r.get('train_tflops_per_gpu'), '.0f')} | "
+            f"{f(r.get('mfu') and 100 * r['mfu'], '.1f')}% | {f(r.get('model_mfu') and 100 * r['model_mfu'], '.1f')}% | "
+            f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(r.get('peak_reserved_gib'), '.1f')} | "
+            f"{f(max(smi.values()) / 1024 if smi else None, '.1f')} |"
+        )
+    lines += ["", "Seconds per optimizer step, mean over GPUs (rollout contains generation, weight_sync, reward, logps_nograd):", ""]
+    names = [p for p in PHASE_ORDER if any(p in r.get("phases_per_step", {}) for r in results)]
+    lines.append("| config | " + " | ".join(names) + " | step |")
+    lines.append("|---|" + "---|" * (len(names) + 1))
+    for r in results:
+        ph = r.get("phases_per_step", {})
+        lines.append(f"| {r['name']} | " + " | ".join(f(ph.get(p)) for p in names) + f" | {f(r.get('step_s'))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/bench", help="folder for the model, data, logs and results")
+    parser.add_argument("--model", default=None, help="model folder (default: OUT/model-PRESET, built if missing)")
+    parser.add_argument("--preset", default="3b", choices=["3b", "tiny"], help="architecture of the built model")
+    parser.add_argument("--configs", default="seed,tuned", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring (compilation, allocator)")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
+    parser.add_argument("--completion_length", type=int, default=1024, help="every completion has exactly this many tokens (seed: 1024)")
+    parser.add_argument("--image_side", type=int, default=448, help="side of the synthetic images, pixels")
+    parser.add_argument("--rows", type=int, default=512, help="rows of the synthetic dataset")
+    parser.add_argument("--timeout_s", type=int, default=1800, help="per configuration; partial steps are still reported")
+    parser.add_argument("--num_processes", type=int, default=None, help="default: the GPU count (2 on CPU)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("extra", nargs="*", help="grpo_vlm.py flags added to every configuration (after --)")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    if args.matmul:
+        return measure_matmul()
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
+    gpus = gpu_count()
+    args.num_processes = args.num_processes or (gpus if gpus else 2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    # NVLink multicast stays off on the device hosts (KINDS.md: it can put shared GPUs out of service).
+    env.update({k: env.get(k, v) for k, v in
+                {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items()})
+
+    t0 = time.time()
+    args.matmul_tflops = []
+    if gpus:
+        res = subprocess.run([sys.executable, __file__, "--matmul"], capture_output=True, text=True, env=env, check=True)
+        args.matmul_tflops = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"[bench] bf16 matmul 8192^3: {args.matmul_tflops}", flush=True)
+
+    model = Path(args.model) if args.model else out / f"model-{args.preset}"
+    if not (model / "config.json").exists():
+        subprocess.run([sys.executable, str(REPO / "scripts/make_tiny_model.py"), str(model), "--preset", args.preset,
+                        "--device", "cuda" if gpus else "cpu"], check=True, env=env)
+    data = out / f"synthetic-{args.image_side}px-{args.rows}"
+    if not (data / "dataset_info.json").exists():
+        sys.path.insert(0, str(RECIPE))
+        from synthetic_data import make_synthetic_dataset
+
+        make_synthetic_dataset(args.rows, seed=0, image_side=args.image_side).save_to_disk(str(data))
+    print(f"[bench] model and data ready after {time.time() - t0:.0f} s; generation: "
+          f"{'vLLM colocate' if HAS_VLLM else 'transformers'}; completions fixed at {args.completion_length} tokens", flush=True)
+
+    results = []
+    for name in args.configs.split(","):
+        results.append(run_config(name, args, model, data, env))
+        print(table(results), flush=True)
+        report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": sys.argv,
+                  "versions": versions(), "matmul_bf16": args.matmul_tflops, "generation": "vllm" if HAS_VLLM else "transformers",
+                  "completion_length": args.completion_length, "image_side": args.image_side, "results": results}
+        (out / "bench.json").write_text(json.dumps(report, indent=1))
+    by_name = {r["name"]: r for r in results}
+    if by_name.get("seed", {}).get("samples_per_s") and len(results) > 1:
+        for r in results:
+            if r["name"] != "seed" and r.get("samples_per_s"):
+                ratio = r["samples_per_s"] / by_name["seed"]["samples_per_s"]
+                print(f"[bench] samples/s {r['name']} / seed = {ratio:.2f}x", flush=True)
+    (out / "bench.md").write_text(table(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
