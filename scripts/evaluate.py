@@ -133,12 +133,7 @@ def load_eval_rows(args: EvalArguments, processor):
     if args.split == "held_out" and args.eval_fraction <= 0:
         raise DatasetError("--split held_out needs --eval_fraction > 0 (the training run's); use --split all to "
                            "score the whole dataset")
-    from datasets.exceptions import DatasetGenerationError
-
-    try:
-        train, held_out, stats = load_datasets(script_args, SimpleNamespace(seed=args.seed), processor)
-    except DatasetGenerationError as err:  # e.g. an empty parquet/jsonl file: datasets' message names no file
-        raise DatasetError(f"could not read {args.dataset_name}: {err.__cause__ or err}. Is the file empty?") from err
+    train, held_out, stats = load_datasets(script_args, SimpleNamespace(seed=args.seed), processor)
     rows = held_out if args.split == "held_out" else train
     if args.max_samples is not None and len(rows) > args.max_samples:
         rows = rows.select(range(args.max_samples))

@@ -74,7 +74,11 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
             if jsonl:
                 return _load_jsonl(jsonl)
         except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:  # empty, corrupt
-            raise DatasetError(f"{path}: could not read it as a dataset ({type(err).__name__}: {err})") from err
+            # datasets' own message names no file; its cause says what went wrong
+            raise DatasetError(
+                f"{path}: could not read it as a dataset ({type(err).__name__}: {err.__cause__ or err}). "
+                "Is the file empty or corrupt?"
+            ) from err
         raise DatasetError(
             f"{path}: no dataset found. Expected a .parquet file or folder of them, a .jsonl file with an `image` "
             "path column, or a folder written by `Dataset.save_to_disk`."
