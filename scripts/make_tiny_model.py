@@ -177,6 +177,7 @@ def fast_random_model(model_cls, config, dtype, device: str, seed: int):
     with torch.device("meta"):
         model = model_cls(config)
     model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty gives every parameter its own storage: re-share lm_head with the embeddings
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():

@@ -188,3 +188,17 @@ def test_3b_preset_matches_qwen25_vl_3b_instruct():
     assert config.tie_word_embeddings is expected["tie_word_embeddings"]
     for key, value in QWEN25_VL_3B["vision"].items():
         assert getattr(vision, key) == value, f"vision_config.{key}"
+
+
+def test_fast_random_model_keeps_lm_head_tied():
+    """The 3b preset's meta-device build must tie lm_head to the embeddings as Qwen2.5-VL-3B does (3.75 B
+    parameters, not 4.07 B), or memory and FLOP figures measured on it are off."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from make_tiny_model import fast_random_model
+
+    spec = PRESETS["tiny"]
+    config = Qwen2_5_VLConfig(vocab_size=512, vision_config=spec["vision"], **spec["text"])
+    model = fast_random_model(Qwen2_5_VLForConditionalGeneration, config, torch.float32, "cpu", seed=0)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert torch.isfinite(model.lm_head.weight).all() and model.lm_head.weight.std() > 0
