@@ -133,8 +133,3 @@ def test_cli_error_is_one_line(tmp_path, tiny_model):
     assert "Traceback" not in proc.stderr
 
 
-def test_generation_bans_the_tokens_training_bans():
-    import generation
-    import grpo_vlm
-
-    assert generation.VISION_SPECIAL_TOKENS == grpo_vlm.VISION_SPECIAL_TOKENS

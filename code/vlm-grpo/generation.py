@@ -11,8 +11,19 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-# The same list grpo_vlm.py bans during training; kept here so inference does not import the trainer stack.
+# Tokens that only the processor may place: a generated `<|image_pad|>` makes the next forward pass fail with
+# "Image features and image tokens do not match" (KNOWN_ISSUES M5; R1-V#91 reports the same from vLLM). Training
+# (grpo_vlm.py) and evaluation/inference (this module) ban the same ones, from here.
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def vision_token_ban(tokenizer, use_vllm: bool) -> dict:
+    """Generation kwargs that make vision special tokens impossible to sample: `suppress_tokens` for transformers'
+    GenerationConfig, `bad_words` for vLLM's SamplingParams (single-token bad words are always masked)."""
+    present = [t for t in VISION_SPECIAL_TOKENS if t in tokenizer.get_vocab()]
+    if use_vllm:
+        return {"bad_words": present}
+    return {"suppress_tokens": [tokenizer.convert_tokens_to_ids(t) for t in present]}
 
 
 @dataclass
@@ -52,11 +63,6 @@ def model_inputs(processor, prompts: list[list[dict]], images: list, device="cpu
     return inputs.to(device)
 
 
-def banned_token_ids(tokenizer) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab]
-
-
 def hf_generate(model, processor, prompts, images, settings: GenerationSettings, progress=None) -> list[list[str]]:
     """`settings.num_samples` completions for each prompt, with transformers' `generate`, in batches.
 
@@ -70,7 +76,7 @@ def hf_generate(model, processor, prompts, images, settings: GenerationSettings,
         max_new_tokens=settings.max_new_tokens,
         do_sample=not greedy,
         num_return_sequences=settings.num_samples,
-        suppress_tokens=banned_token_ids(tokenizer) or None,
+        suppress_tokens=vision_token_ban(tokenizer, use_vllm=False)["suppress_tokens"] or None,
         pad_token_id=tokenizer.pad_token_id,
     )
     if not greedy:
@@ -104,7 +110,7 @@ def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings,
         temperature=max(settings.temperature, 0.0),
         top_p=settings.top_p,
         max_tokens=settings.max_new_tokens,
-        bad_words=[t for t in VISION_SPECIAL_TOKENS if t in processor.tokenizer.get_vocab()],
+        **vision_token_ban(processor.tokenizer, use_vllm=True),
     )
     requests = [
         {"prompt": text, "multi_modal_data": {"image": image}}

@@ -40,20 +40,10 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 
 from data import DatasetError, load_raw_dataset, prepare_dataset, split_train_eval  # noqa: E402
+from generation import vision_token_ban  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
 
 logger = logging.getLogger("grpo_vlm")
-
-# Tokens that only the processor may place: a generated `<|image_pad|>` makes the next forward pass fail with
-# "Image features and image tokens do not match" (KNOWN_ISSUES M5; R1-V#91 reports the same from vLLM).
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
 
 @dataclass
 class VLMGRPOScriptArguments(ScriptArguments):
@@ -222,14 +212,6 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
         for key, banned in vision_token_ban(processor.tokenizer, training_args.use_vllm).items():
             kwargs[key] = list(dict.fromkeys([*(kwargs.get(key) or []), *banned]))
         training_args.generation_kwargs = kwargs
-
-
-def vision_token_ban(tokenizer, use_vllm: bool) -> dict:
-    """Generation kwargs that make vision special tokens impossible to sample (KNOWN_ISSUES M5)."""
-    present = [t for t in VISION_SPECIAL_TOKENS if t in tokenizer.get_vocab()]
-    if use_vllm:
-        return {"bad_words": present}  # vLLM SamplingParams: single-token bad words are always masked
-    return {"suppress_tokens": [tokenizer.convert_tokens_to_ids(t) for t in present]}
 
 
 def find_resume_checkpoint(output_dir: str | None) -> str | None:
