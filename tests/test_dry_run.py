@@ -9,7 +9,7 @@ import shutil
 import time
 
 import pytest
-from flexai_stub import SEED_ARGV
+from flexai_stub import SEED_ARGV, offline_seed_script_args
 
 SCRIPT = "code/vlm-grpo/grpo_vlm.py"
 SEED_SCRIPT_ARGV = SEED_ARGV[SEED_ARGV.index(SCRIPT) + 1 :]
@@ -26,10 +26,8 @@ def swap(argv: list[str], **values: str) -> list[str]:
 
 
 def offline_seed_argv(model_dir, output_dir) -> list[str]:
-    """The seed's script arguments with the tiny model, synthetic data and no vLLM (not installed on CPU boxes)."""
-    argv = swap(SEED_SCRIPT_ARGV, model_name_or_path=str(model_dir), output_dir=str(output_dir))
-    argv.remove("--use_vllm")
-    return [*argv, "--dataset_name", "synthetic", "--synthetic_rows", "16"]
+    """The offline seed arguments (flexai_stub.offline_seed_script_args) on a 16-row synthetic dataset."""
+    return [*offline_seed_script_args(model_dir, output_dir), "--synthetic_rows", "16"]
 
 
 def plan_of(stdout: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flexai_stub import SEED_ARGV
+from flexai_stub import offline_seed_script_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "code" / "vlm-grpo" / "deepspeed_zero3.yaml"
@@ -24,15 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 def seed_script_args(model: Path, output_dir: Path, steps: int) -> list[str]:
-    """The seed command's script arguments with only the model, dataset, output dir and step count swapped, and
-    without vLLM (no CPU path)."""
-    args = SEED_ARGV[SEED_ARGV.index("code/vlm-grpo/grpo_vlm.py") + 1 :]
-    args = [a for a in args if a not in ("--use_vllm",)]
-    i = args.index("--vllm_mode")
-    del args[i : i + 2]
-    args[args.index("--model_name_or_path") + 1] = str(model)
-    args[args.index("--output_dir") + 1] = str(output_dir)
-    return [*args, "--dataset_name", "synthetic", "--max_steps", str(steps)]
+    """The offline seed arguments (model, dataset, output dir swapped, no vLLM) with the step count swapped too."""
+    return [*offline_seed_script_args(model, output_dir), "--max_steps", str(steps)]
 
 
 def env() -> dict:
