@@ -216,6 +216,7 @@ class Recorder:
 def install_timers(rec: Recorder):
     import torch
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from zero3 import VLMGRPOTrainer
 
@@ -229,6 +230,8 @@ def install_timers(rec: Recorder):
     # inside compute_loss, timed there.
     patch(VLMGRPOTrainer, "_get_per_token_logps_and_entropies", "logps_nograd", when=lambda: not torch.is_grad_enabled())
     patch(VLMGRPOTrainer, "compute_loss", "forward", after=rec.count_training)
+    # The vision tower inside the loss forward (gradients on); the rollout's prefill runs it under no_grad.
+    patch(Qwen2_5_VisionTransformerPretrainedModel, "forward", "vision_in_forward", when=torch.is_grad_enabled)
     patch(DeepSpeedEngine, "backward", "backward")
     patch(DeepSpeedEngine, "step", "optimizer")
 
@@ -301,6 +304,45 @@ def measure_matmul() -> None:
             rates.append({"gpu": i, "name": torch.cuda.get_device_name(i), "tflops": 2 * n**3 / statistics.median(times) / 1e12})
             del a, b
     print(json.dumps(rates))
+
+
+def measure_vision(model_dir: str, image_side: int, images: int = 16) -> None:
+    """Time the vision tower on one micro-batch of images (GPU 0, bf16, no grad): transformers' per-window attention
+    loop vs code/vlm-grpo/vision_attention.py's batched form; print both and their difference as JSON."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(RECIPE))
+    from vision_attention import enable_batched_vision_attention
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    visual = model.visual.to(device).eval()
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (image_side, image_side, 3), dtype=np.uint8)) for _ in range(images)]
+    inputs = processor.image_processor(images=pics, return_tensors="pt")
+    pixels, grid = inputs["pixel_values"].to(device, torch.bfloat16), inputs["image_grid_thw"].to(device)
+    result, outs = {"images": images, "image_side": image_side, "patches": int(grid.prod(dim=1).sum())}, {}
+    for name, batched in (("upstream_loop", False), ("batched", True)):
+        enable_batched_vision_attention(batched)
+        times = []
+        with torch.no_grad():
+            for i in range(8):
+                sync()
+                t0 = time.perf_counter()
+                outs[name] = visual(pixels, grid_thw=grid)
+                sync()
+                if i >= 3:  # the first calls warm up kernels and the allocator
+                    times.append(time.perf_counter() - t0)
+        result[f"{name}_ms"] = 1e3 * statistics.median(times)
+    a, b = outs["upstream_loop"].float(), outs["batched"].float()
+    result["max_abs_diff"] = float((a - b).abs().max())
+    result["rel_l2_diff"] = float((a - b).norm() / a.norm())
+    print(json.dumps(result))
 
 
 class GpuMemoryPoller:
@@ -379,7 +421,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_config(name: str, args, model: Path, data: Path, env: dict) -> dict:
+def gpu_slices(n_configs: int, num_processes: int, gpus: int, parallel: bool) -> list[list[int]]:
+    """Physical GPU indexes of each configuration: all configurations on GPUs 0..num_processes-1 one after another,
+    or, with --parallel, each on a disjoint set of num_processes GPUs at the same time."""
+    if not parallel:
+        return [list(range(num_processes))] * n_configs
+    if n_configs * num_processes > gpus:
+        raise SystemExit(f"error: --parallel needs {n_configs} configurations x {num_processes} GPUs = "
+                         f"{n_configs * num_processes} GPUs, this machine has {gpus}; drop --parallel or "
+                         f"pass fewer --configs")
+    return [list(range(i * num_processes, (i + 1) * num_processes)) for i in range(n_configs)]
+
+
+def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[int] | None = None, port: int = 29500) -> dict:
+    gpus = gpus if gpus is not None else list(range(args.num_processes))
     run_dir = Path(args.out) / name
     record_dir = run_dir / "records"
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -392,12 +447,15 @@ def run_config(name: str, args, model: Path, data: Path, env: dict) -> dict:
             "model": str(model)}
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={ACCEL_CONFIG}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={ACCEL_CONFIG}",
+              f"--main_process_port={port}"]
+    if args.matmul_tflops:  # on a GPU machine: pin this configuration to its GPUs (nvidia-smi numbering)
+        env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     if args.num_processes != 2:
         launch += ["--num_processes", str(args.num_processes)]
     cmd = [*launch, str(Path(__file__).resolve()), "--worker", str(spec_path)]
     log_path = Path(args.out) / f"{name}.log"
-    print(f"[bench] {name}: {' '.join(cmd)}\n[bench] {name} script args: {' '.join(spec['argv'])}", flush=True)
+    print(f"[bench] {name} on GPUs {gpus}: {' '.join(cmd)}\n[bench] {name} script args: {' '.join(spec['argv'])}", flush=True)
     t0 = time.time()
     status = "ok"
     with log_path.open("w") as log, GpuMemoryPoller() as poller:
@@ -409,16 +467,18 @@ def run_config(name: str, args, model: Path, data: Path, env: dict) -> dict:
             kill_tree(proc)
             proc.wait()
             status = f"timeout after {args.timeout_s} s"
-    result = summarize(name, record_dir, args.warmup, args.matmul_tflops)
+    result = summarize(name, record_dir, args.warmup, args.matmul_tflops, gpus)
     result.update(status=status, wall_s=round(time.time() - t0, 1), log=str(log_path), script_args=spec["argv"],
-                  nvidia_smi_peak_mib=poller.peak)
+                  gpus=gpus, nvidia_smi_peak_mib={i: m for i, m in poller.peak.items() if i in gpus})
     if status != "ok":
         tail = log_path.read_text(errors="replace").splitlines()[-40:]
         print(f"[bench] {name}: {status}; log tail:\n" + "\n".join(tail), flush=True)
     return result
 
 
-def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict]) -> dict:
+def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus: list[int] | None = None) -> dict:
+    """Per-rank records after the warm-up steps -> throughput, MFU and memory. Rank r ran on physical GPU gpus[r],
+    whose measured matmul rate is its MFU denominator."""
     ranks = {}
     for path in sorted(record_dir.glob("rank*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -440,9 +500,11 @@ def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict]) -> d
         fb = phases.get("forward", 0.0) + phases.get("backward", 0.0)
         flops_hw = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0) + counts.get("flops_recompute", 0)
         flops_model = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0)
-        peak = next((m["tflops"] for m in matmul if m["gpu"] == rank), None)
+        gpu = gpus[rank] if gpus and rank < len(gpus) else rank
+        peak = next((m["tflops"] for m in matmul if m["gpu"] == gpu), None)
         per_rank.append({
             "rank": rank,
+            "gpu": gpu,
             "interval_s": interval,
             "phases_per_step": {k: v / n for k, v in phases.items()},
             "completions_trained": counts.get("completions_trained", 0),
@@ -486,7 +548,8 @@ def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict]) -> d
     }
 
 
-PHASE_ORDER = ["rollout", "generation", "weight_sync", "reward", "logps_nograd", "forward", "backward", "optimizer"]
+PHASE_ORDER = ["rollout", "generation", "weight_sync", "reward", "logps_nograd", "forward", "vision_in_forward",
+               "backward", "optimizer"]
 
 
 def table(results: list[dict]) -> str:
@@ -506,7 +569,8 @@ def table(results: list[dict]) -> str:
             f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(r.get('peak_reserved_gib'), '.1f')} | "
             f"{f(max(smi.values()) / 1024 if smi else None, '.1f')} |"
         )
-    lines += ["", "Seconds per optimizer step, mean over GPUs (rollout contains generation, weight_sync, reward, logps_nograd):", ""]
+    lines += ["", "Seconds per optimizer step, mean over GPUs (rollout contains generation, weight_sync, reward, logps_nograd; "
+              "forward contains vision_in_forward):", ""]
     names = [p for p in PHASE_ORDER if any(p in r.get("phases_per_step", {}) for r in results)]
     lines.append("| config | " + " | ".join(names) + " | step |")
     lines.append("|---|" + "---|" * (len(names) + 1))
@@ -528,26 +592,39 @@ def main() -> None:
     parser.add_argument("--image_side", type=int, default=448, help="side of the synthetic images, pixels")
     parser.add_argument("--rows", type=int, default=512, help="rows of the synthetic dataset")
     parser.add_argument("--timeout_s", type=int, default=1800, help="per configuration; partial steps are still reported")
-    parser.add_argument("--num_processes", type=int, default=None, help="default: the GPU count (2 on CPU)")
+    parser.add_argument("--num_processes", type=int, default=None,
+                        help="GPUs per configuration (default: all GPUs, or 2 on CPU; 2 with --parallel)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the configurations at the same time, each on its own num_processes GPUs (a 4-GPU "
+                             "machine runs seed and tuned side by side); the default runs them one after another")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--vision", help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="grpo_vlm.py flags added to every configuration (after --)")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
     if args.matmul:
         return measure_matmul()
+    if args.vision:
+        return measure_vision(args.vision, args.image_side)
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
     gpus = gpu_count()
-    args.num_processes = args.num_processes or (gpus if gpus else 2)
+    args.num_processes = args.num_processes or (2 if args.parallel or not gpus else gpus)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: unknown --configs {unknown}; choose from {sorted(CONFIGS)}")
+    slices = gpu_slices(len(names), args.num_processes, gpus, args.parallel and bool(gpus))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
     # NVLink multicast stays off on the device hosts (KINDS.md: it can put shared GPUs out of service).
     env.update({k: env.get(k, v) for k, v in
                 {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items()})
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's GPU numbers = nvidia-smi's, for --parallel and the memory poller
 
     t0 = time.time()
     args.matmul_tflops = []
@@ -566,17 +643,40 @@ def main() -> None:
         from synthetic_data import make_synthetic_dataset
 
         make_synthetic_dataset(args.rows, seed=0, image_side=args.image_side).save_to_disk(str(data))
+    args.vision_tower = None
+    if gpus:
+        res = subprocess.run([sys.executable, __file__, "--vision", str(model), "--image_side", str(args.image_side)],
+                             capture_output=True, text=True, env=env)
+        if res.returncode == 0:
+            args.vision_tower = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"[bench] vision tower, 16 images: {args.vision_tower or res.stderr[-2000:]}", flush=True)
     print(f"[bench] model and data ready after {time.time() - t0:.0f} s; generation: "
           f"{'vLLM colocate' if HAS_VLLM else 'transformers'}; completions fixed at {args.completion_length} tokens", flush=True)
 
-    results = []
-    for name in args.configs.split(","):
-        results.append(run_config(name, args, model, data, env))
-        print(table(results), flush=True)
-        report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": sys.argv,
-                  "versions": versions(), "matmul_bf16": args.matmul_tflops, "generation": "vllm" if HAS_VLLM else "transformers",
-                  "completion_length": args.completion_length, "image_side": args.image_side, "results": results}
-        (out / "bench.json").write_text(json.dumps(report, indent=1))
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def run_one(i: int, name: str) -> None:
+        result = run_config(name, args, model, data, env, slices[i], port=29500 + i)
+        with lock:
+            results.append(result)
+            results.sort(key=lambda r: names.index(r["name"]))
+            print(table(results), flush=True)
+            report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": sys.argv,
+                      "versions": versions(), "matmul_bf16": args.matmul_tflops, "vision_tower": args.vision_tower,
+                      "generation": "vllm" if HAS_VLLM else "transformers", "parallel": args.parallel,
+                      "completion_length": args.completion_length, "image_side": args.image_side, "results": results}
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+
+    if args.parallel and gpus:
+        threads = [threading.Thread(target=run_one, args=(i, n)) for i, n in enumerate(names)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i, name in enumerate(names):
+            run_one(i, name)
     by_name = {r["name"]: r for r in results}
     if by_name.get("seed", {}).get("samples_per_s") and len(results) > 1:
         for r in results:

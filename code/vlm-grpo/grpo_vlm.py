@@ -42,6 +42,7 @@ from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_co
 from data import DatasetError, load_raw_dataset, prepare_dataset, split_train_eval  # noqa: E402
 from generation import vision_token_ban  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
+from vision_attention import enable_batched_vision_attention  # noqa: E402
 
 logger = logging.getLogger("grpo_vlm")
 
@@ -86,6 +87,15 @@ class VLMGRPOScriptArguments(ScriptArguments):
         metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset filtering."})
+    batched_vision_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the vision tower's window attention as one SDPA call per window size instead of one per "
+            "window (same result; the per-window loop of transformers 4.57 dominates the training forward pass "
+            "with many images per micro-batch, see vision_attention.py). --no_batched_vision_attention restores "
+            "the upstream loop."
+        },
+    )
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
@@ -345,6 +355,7 @@ def setup(script_args, training_args, model_args):
 
     validate_args(script_args, training_args, model_args)
     configure_zero3(training_args, on_gpu=torch.cuda.is_available())
+    enable_batched_vision_attention(script_args.batched_vision_attention)
     processor = load_processor(model_args)
     resolve_args(script_args, training_args, model_args, processor)
     return processor
