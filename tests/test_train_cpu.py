@@ -114,6 +114,25 @@ def test_zero3_updates_every_lora_weight_and_no_base_weight(tiny_model, tmp_path
     assert Path(report["adapter"]).stat().st_size > 10_000
 
 
+def test_zero3_tuning_flags_reach_deepspeed(tiny_model, tmp_path):
+    """--zero3_param_persistence_threshold / --zero3_prefetch_bucket_size (the tuned benchmark configuration) end up in
+    the engine's config, instead of accelerate's hidden-size "auto" values, and training stays correct with them."""
+    out, report_path = tmp_path / "run", tmp_path / "report.json"
+    knobs = ["--zero3_param_persistence_threshold", "20000", "--zero3_prefetch_bucket_size", "100000"]
+    run(launch_cmd("tests/zero3_weight_check.py", [report_path, *seed_script_args(tiny_model, out, 2), *FAST, *knobs]))
+    report = json.loads(report_path.read_text())
+
+    zero = report["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 20000 and zero["stage3_prefetch_bucket_size"] == 100000
+    # Tiny model: q_proj is 128x128 = 16,384 elements (under the threshold: whole on every rank), gate_proj 128x256
+    # = 32,768 (over it: still sharded). accelerate's default would have been 10 x 128 = 1,280.
+    persistent = report["persistent_params"]
+    assert any("q_proj.base_layer.weight" in n for n in persistent), persistent
+    assert not any(n.endswith("gate_proj.weight") for n in persistent)
+    assert all(report["lora_changed"].values()) and report["lora_changed"]
+    assert not [n for n, c in report["base_changed"].items() if c]
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own, so
     killing the launcher's process group would leave them running)."""

@@ -94,6 +94,8 @@ def main() -> None:
         "scheduler_base_lrs": len(trainer.lr_scheduler.base_lrs) if hasattr(trainer.lr_scheduler, "base_lrs") else None,
         "checkpointing_kwargs_at_end": recorder.checkpointing_kwargs,
         "global_step": trainer.state.global_step,
+        "zero_optimization": trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization"),
+        "persistent_params": sorted(n for n, p in trainer.model.named_parameters() if getattr(p, "ds_persist", False)),
         "log_history": trainer.state.log_history,
         "adapter": str(adapter),
         "world_size": trainer.accelerator.num_processes,

@@ -87,6 +87,22 @@ class VLMGRPOScriptArguments(ScriptArguments):
         metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset filtering."})
+    zero3_param_persistence_threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "ZeRO-3: parameters with fewer elements than this stay whole on every GPU instead of being "
+            "all-gathered at each use. Default: accelerate's 10 x hidden_size (20,480 for the 3B: norms and biases "
+            "only). 5000000 keeps the vision tower and the attention projections whole (about 2 GB more per GPU, "
+            "measured faster in experiments/vlm-grpo/BENCHMARKS.md)."
+        },
+    )
+    zero3_prefetch_bucket_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "ZeRO-3: elements of upcoming parameters all-gathered ahead of use. Default: accelerate's "
+            "0.9 x hidden_size^2 (3.8 M for the 3B: less than one MLP matrix of 22.5 M)."
+        },
+    )
     batched_vision_attention: bool = field(
         default=True,
         metadata={
@@ -354,7 +370,14 @@ def setup(script_args, training_args, model_args):
     from zero3 import configure_zero3
 
     validate_args(script_args, training_args, model_args)
-    configure_zero3(training_args, on_gpu=torch.cuda.is_available())
+    configure_zero3(
+        training_args,
+        on_gpu=torch.cuda.is_available(),
+        zero_optimization={
+            "stage3_param_persistence_threshold": script_args.zero3_param_persistence_threshold,
+            "stage3_prefetch_bucket_size": script_args.zero3_prefetch_bucket_size,
+        },
+    )
     enable_batched_vision_attention(script_args.batched_vision_attention)
     processor = load_processor(model_args)
     resolve_args(script_args, training_args, model_args, processor)

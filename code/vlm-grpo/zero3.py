@@ -84,21 +84,28 @@ def unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params=Tru
 _trl_grpo_trainer.unwrap_model_for_generation = unwrap_model_for_generation
 
 
-def configure_zero3(training_args, on_gpu: bool) -> None:
-    """Adjust the DeepSpeed config accelerate built from the yaml, before any model is created."""
+def configure_zero3(training_args, on_gpu: bool, zero_optimization: dict | None = None) -> None:
+    """Adjust the DeepSpeed config accelerate built from the yaml, before any model is created.
+
+    zero_optimization: keys set in the config's `zero_optimization` section, replacing the "auto" values that
+    accelerate would otherwise fill from the model's hidden size (e.g. `stage3_param_persistence_threshold`)."""
     plugin = getattr(training_args, "deepspeed_plugin", None)
     if plugin is None or plugin.zero_stage != 3:
         return
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = zero3_checkpointing_kwargs(training_args.gradient_checkpointing_kwargs)
+    settings = {k: v for k, v in (zero_optimization or {}).items() if v is not None}
     if not on_gpu:
-        configs = [plugin.deepspeed_config]
-        hf_config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
-        if hf_config is not None and hf_config is not plugin.deepspeed_config:
-            configs.append(hf_config)
-        for config in configs:
-            config.setdefault("zero_optimization", {})["stage3_allgather_sequential"] = True
-        plugin.set_deepspeed_weakref()  # transformers' zero.Init reads this copy when loading the model
+        settings["stage3_allgather_sequential"] = True
+    if not settings:
+        return
+    configs = [plugin.deepspeed_config]
+    hf_config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+    if hf_config is not None and hf_config is not plugin.deepspeed_config:
+        configs.append(hf_config)
+    for config in configs:
+        config.setdefault("zero_optimization", {}).update(settings)
+    plugin.set_deepspeed_weakref()  # transformers' zero.Init reads this copy when loading the model
 
 
 class VLMGRPOTrainer(GRPOTrainer):
