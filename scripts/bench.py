@@ -2,6 +2,7 @@
 """Benchmark GRPO steps of the recipe: each phase timed, throughput, peak memory and training-phase MFU.
 
     python3 scripts/bench.py --out outputs/bench                       # `make bench`: seed vs tuned, 3B architecture
+    python3 scripts/bench.py --out outputs/bench --parallel            # 4 GPUs: seed on 0-1 and tuned on 2-3 at once
     python3 scripts/bench.py --out outputs/bench-cpu --preset tiny --warmup 1 --steps 1 --completion_length 16
 
 What runs: Qwen2.5-VL-3B-Instruct's architecture with random weights (scripts/make_tiny_model.py --preset 3b, built
