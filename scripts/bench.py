@@ -438,8 +438,7 @@ def gpu_slices(n_configs: int, num_processes: int, gpus: int, parallel: bool) ->
     return [list(range(i * num_processes, (i + 1) * num_processes)) for i in range(n_configs)]
 
 
-def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[int] | None = None, port: int = 29500) -> dict:
-    gpus = gpus if gpus is not None else list(range(args.num_processes))
+def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[int], port: int) -> dict:
     run_dir = Path(args.out) / name
     record_dir = run_dir / "records"
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -454,8 +453,8 @@ def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[i
     spec_path.write_text(json.dumps(spec, indent=1))
     launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={ACCEL_CONFIG}",
               f"--main_process_port={port}"]
-    if args.matmul_tflops:  # on a GPU machine: pin this configuration to its GPUs (nvidia-smi numbering)
-        env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    if args.matmul_tflops:  # on a GPU machine: pin this configuration to its GPUs (env has nvidia-smi's numbering)
+        env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     if args.num_processes != 2:
         launch += ["--num_processes", str(args.num_processes)]
     cmd = [*launch, str(Path(__file__).resolve()), "--worker", str(spec_path)]

@@ -92,8 +92,8 @@ class VLMGRPOScriptArguments(ScriptArguments):
         metadata={
             "help": "ZeRO-3: parameters with fewer elements than this stay whole on every GPU instead of being "
             "all-gathered at each use. Default: accelerate's 10 x hidden_size (20,480 for the 3B: norms and biases "
-            "only). 5000000 keeps the vision tower and the attention projections whole (about 2 GB more per GPU, "
-            "measured faster in experiments/vlm-grpo/BENCHMARKS.md)."
+            "only). 5000000 keeps the vision tower and the attention projections whole (1.4 GiB more per GPU, +2 % "
+            "training throughput, within run-to-run noise: experiments/vlm-grpo/BENCHMARKS.md)."
         },
     )
     zero3_prefetch_bucket_size: int | None = field(
@@ -107,8 +107,8 @@ class VLMGRPOScriptArguments(ScriptArguments):
         default=True,
         metadata={
             "help": "Run the vision tower's window attention as one SDPA call per window size instead of one per "
-            "window (same result; the per-window loop of transformers 4.57 dominates the training forward pass "
-            "with many images per micro-batch, see vision_attention.py). --no_batched_vision_attention restores "
+            "window (same result; transformers 4.57's per-window loop cost about 30 % of the training forward pass "
+            "with 16 images per micro-batch, see vision_attention.py). --no_batched_vision_attention restores "
             "the upstream loop."
         },
     )
