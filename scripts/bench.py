@@ -223,7 +223,7 @@ def install_timers(rec: Recorder):
     from deepspeed.runtime.engine import DeepSpeedEngine
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    from zero3 import VLMGRPOTrainer
+    from trainer import VLMGRPOTrainer
 
     def patch(cls, name, phase, **kw):
         setattr(cls, name, rec.timed(phase, getattr(cls, name), **kw))

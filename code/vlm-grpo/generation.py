@@ -26,6 +26,34 @@ def vision_token_ban(tokenizer, use_vllm: bool) -> dict:
     return {"suppress_tokens": [tokenizer.convert_tokens_to_ids(t) for t in present]}
 
 
+# A banned token's logit in the trainer's forward pass: exp() of it is exactly 0 in bf16/fp32 after any temperature,
+# and, unlike -inf, it keeps TRL's entropy (sum of p * log p) finite.
+BANNED_LOGIT = -1.0e4
+
+
+def ban_tokens_in_logits(model, token_ids: list[int]):
+    """Make the policy the trainer scores the policy vLLM samples from (KNOWN_ISSUES M10).
+
+    vLLM masks `bad_words` before it computes the log-probs it reports (TRL 1.2.0 asks for "processed_logprobs";
+    vLLM 0.11.0 `v1/sample/sampler.py` applies bad words, then computes them), so its log-probs are those of the
+    distribution renormalised over the allowed tokens. The trainer scored the unmasked distribution, so TRL's
+    importance-sampling ratio pi_trainer / pi_vllm was below 1 by the banned tokens' mass at every token (0.53 per
+    sequence on the tiny model) and reweighted every update. Masking the same tokens in the trainer's logits
+    (a forward hook on the output head: training, old-policy and reference log-probs, and HF generation all go
+    through it) makes both sides score the same policy: the one that can actually be sampled.
+
+    Returns the hook handle."""
+    import torch
+
+    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+    head = model.get_output_embeddings()
+
+    def mask(module, inputs, output):
+        return output.index_fill(-1, ids.to(output.device), BANNED_LOGIT)
+
+    return head.register_forward_hook(mask)
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 1024

@@ -322,7 +322,7 @@ def batch_plan(training_args, num_train_rows: int) -> dict:
 
 
 def build_trainer(script_args, training_args, model_args, processor, train_dataset, eval_dataset, callbacks=None):
-    from zero3 import VLMGRPOTrainer
+    from trainer import VLMGRPOTrainer
 
     peft_config = get_peft_config(model_args)
     return VLMGRPOTrainer(

@@ -21,7 +21,8 @@ M2  HF generation with `ds3_gather_for_generation=True`: `IndexError: pop from a
     original ids are restored, which keeps the trace and its prefetching.
 M4  only LoRA weights trainable: the Trainer's no-decay param group is empty, DeepSpeed deletes it while the LR
     scheduler keeps one base_lr per original group; torch >= 2.10 raises `zip() argument 2 is longer than argument 1`
-    in `lr_scheduler.step()`, torch 2.8 silently truncates. Empty groups are dropped before the scheduler is built.
+    in `lr_scheduler.step()`, torch 2.8 silently truncates. Empty groups are dropped before the scheduler is built
+    (trainer.py, VLMGRPOTrainer.create_optimizer).
 CPU DeepSpeed 0.18.9's blocking coalesced all-gather (used by `GatheredParameters`) waits only on the last of its async
     all-gathers, which is enough with NCCL's in-order stream but not with gloo, whose worker threads finish out of
     order: gathered weights keep being written while the model already runs (NaN logits, changed weights). On CPU
@@ -33,8 +34,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-
-from trl import GRPOTrainer
 
 import trl.trainer.grpo_trainer as _trl_grpo_trainer
 
@@ -106,11 +105,3 @@ def configure_zero3(training_args, on_gpu: bool, zero_optimization: dict | None 
     for config in configs:
         config.setdefault("zero_optimization", {}).update(settings)
     plugin.set_deepspeed_weakref()  # transformers' zero.Init reads this copy when loading the model
-
-
-class VLMGRPOTrainer(GRPOTrainer):
-    def create_optimizer(self, *args, **kwargs):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        inner = getattr(optimizer, "optimizer", optimizer)
-        inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]  # M4
-        return optimizer

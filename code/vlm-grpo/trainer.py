@@ -1,0 +1,32 @@
+"""TRL's GRPOTrainer with this recipe's fixes wired in: ZeRO-3 (zero3.py), the vLLM colocate path (vllm_colocate.py)
+and one policy for sampling and scoring (generation.py). Each fix's cause is written where the fix lives."""
+
+from __future__ import annotations
+
+from trl import GRPOTrainer
+
+import zero3  # noqa: F401  (swaps TRL's unwrap_model_for_generation for the M1'/M2 fixed one)
+from generation import ban_tokens_in_logits, vision_token_ban
+from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding_workaround
+
+
+class VLMGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        args_ = kwargs.get("args")
+        if args_ is not None and args_.use_vllm and args_.vllm_mode == "colocate":
+            cpu_thread_binding_workaround()  # M9, before TRL builds the engine; a no-op on GPUs
+        super().__init__(*args, **kwargs)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        # M10: the tokens vLLM (bad_words) and HF generation (suppress_tokens) can never sample are masked in the
+        # trainer's log-probs too, so sampling and scoring see the same policy.
+        self._banned_logits_hook = ban_tokens_in_logits(
+            self.model, vision_token_ban(tokenizer, use_vllm=False)["suppress_tokens"]
+        )
+        if self.use_vllm:
+            align_prompts_with_vllm(self.vllm_generation, tokenizer.convert_tokens_to_ids(IMAGE_PAD))  # M8
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]  # M4 (zero3.py)
+        return optimizer
