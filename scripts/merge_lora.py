@@ -217,7 +217,9 @@ def parse_args(argv: list[str] | None = None) -> MergeArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: intel_extension_for_pytorch (loaded by the CPU build of vLLM) gives the root logger a handler at
+    # WARNING, which would silence this script's INFO lines (the data counts, the plan)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parse_args(argv)
     info = merge(args)
     print(json.dumps(info, indent=2))

@@ -48,15 +48,17 @@ SEED_ARGV = [
     "--logging_steps", "200",
 ]
 
-def offline_seed_script_args(model, output_dir) -> list[str]:
-    """The seed's grpo_vlm.py arguments with only the model, output dir and dataset (`synthetic`) swapped, and
-    without vLLM, which has no CPU path: the offline form of the user's command that the CPU tests run."""
+def offline_seed_script_args(model, output_dir, vllm: bool = False) -> list[str]:
+    """The seed's grpo_vlm.py arguments with only the model, output dir and dataset (`synthetic`) swapped: the offline
+    form of the user's command. `vllm=True` keeps `--use_vllm --vllm_mode colocate` (the CPU build of vLLM runs
+    it); False drops them, for the tests of the transformers generation path."""
     args = SEED_ARGV[SEED_ARGV.index("code/vlm-grpo/grpo_vlm.py") + 1 :]
     args[args.index("--model_name_or_path") + 1] = str(model)
     args[args.index("--output_dir") + 1] = str(output_dir)
-    args.remove("--use_vllm")
-    i = args.index("--vllm_mode")
-    del args[i : i + 2]
+    if not vllm:
+        args.remove("--use_vllm")
+        i = args.index("--vllm_mode")
+        del args[i : i + 2]
     return [*args, "--dataset_name", "synthetic"]
 
 

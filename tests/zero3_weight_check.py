@@ -7,6 +7,11 @@ Rank 0 writes REPORT.json: for every LoRA tensor whether it differs from its val
 every base tensor whether it differs from the model file on disk, the LR scheduler's group count against the
 optimizer's (KNOWN_ISSUES M4), and the checkpointing kwargs in force at the end (M1'). Parameters are gathered across
 ZeRO-3 ranks first, so the comparison sees whole tensors, not shards.
+
+With `--use_vllm` it also syncs the trained policy into the colocated vLLM engine the way the next rollout would
+(TRL's sync_weights: gather, merge LoRA, load into vLLM, unmerge) and records, for every layer, how far the q, k and
+v slices of vLLM's fused qkv_proj are from base + scale * B @ A computed here from the model file and the trainer's
+LoRA tensors, and whether the trainer's own base weights survived the merge/unmerge round trip.
 """
 
 from __future__ import annotations
@@ -62,6 +67,44 @@ class WeightRecorder(TrainerCallback):
         self.checkpointing_kwargs = checkpointing_kwargs_in_use(model)
 
 
+def vllm_sync_report(trainer, on_disk: dict[str, torch.Tensor]) -> dict:
+    """Sync the policy into vLLM (every rank: the gather is collective), then compare vLLM's weights with base +
+    merged LoRA computed independently here, in float32. Every rank checks its own engine; rank 0's is reported."""
+    trainer.vllm_generation.sync_weights()
+    after = gathered_state(trainer.model)
+    vllm_model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    vllm_params = {n: p.detach().float() for n, p in vllm_model.named_parameters()}
+    text = trainer.model.config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    q_size, kv_size = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    lora = trainer.model.peft_config["default"]
+    scale = lora.lora_alpha / lora.r
+    layers = []
+    for i in range(text.num_hidden_layers):
+        qkv = vllm_params[f"language_model.model.layers.{i}.self_attn.qkv_proj.weight"]
+        got = {"q": qkv[:q_size], "k": qkv[q_size : q_size + kv_size], "v": qkv[q_size + kv_size :]}
+        entry = {}
+        for proj in ("q", "k", "v"):
+            base = on_disk[f"model.layers.{i}.self_attn.{proj}_proj.weight"].float()
+            prefix = f"base_model.model.model.language_model.layers.{i}.self_attn.{proj}_proj"
+            delta = torch.zeros_like(base)
+            if f"{prefix}.lora_A.default.weight" in after:
+                a, b = after[f"{prefix}.lora_A.default.weight"].float(), after[f"{prefix}.lora_B.default.weight"].float()
+                delta = scale * b @ a
+            entry[proj] = {
+                "max_abs_delta": float(delta.abs().max()),
+                "max_abs_err_vs_merged": float((got[proj] - (base + delta)).abs().max()),
+                "max_abs_diff_vs_base": float((got[proj] - base).abs().max()),
+                "base_bf16_ulp": float(base.abs().max() * 2**-8),
+            }
+        layers.append(entry)
+    base_changed = [
+        n for n, t in after.items()
+        if "lora_" not in n and (k := base_name(n)) in on_disk and not torch.equal(t.to(on_disk[k].dtype), on_disk[k])
+    ]
+    return {"layers": layers, "trainer_base_changed_after_sync": base_changed, "lora_scale": scale}
+
+
 def main() -> None:
     report_path, argv = Path(sys.argv[1]), sys.argv[2:]
     script_args, training_args, model_args = grpo_vlm.parse_args(argv)
@@ -69,12 +112,13 @@ def main() -> None:
     recorder = WeightRecorder()
     trainer = grpo_vlm.train(script_args, training_args, model_args, processor, callbacks=[recorder])
     adapter = grpo_vlm.save_outputs(trainer, processor, training_args.output_dir)
-    if not trainer.accelerator.is_main_process:
-        return
 
     from safetensors.torch import load_file
 
     on_disk = load_file(str(Path(model_args.model_name_or_path) / "model.safetensors"))
+    vllm_sync = vllm_sync_report(trainer, on_disk) if training_args.use_vllm else None
+    if not trainer.accelerator.is_main_process:
+        return
     lora = {n: not torch.equal(recorder.start[n], recorder.end[n]) for n in recorder.end if "lora_" in n}
     base = {}
     for name, tensor in recorder.end.items():
@@ -100,6 +144,7 @@ def main() -> None:
         "adapter": str(adapter),
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "vllm_sync": vllm_sync,
     }
     report_path.write_text(json.dumps(report, indent=1, default=str))
 

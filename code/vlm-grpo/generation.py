@@ -129,17 +129,31 @@ def hf_generate(model, processor, prompts, images, settings: GenerationSettings,
     return out
 
 
-def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings, lora_request=None) -> list[list[str]]:
-    """The same completions with a vLLM engine (`vllm.LLM`); `lora_request` applies an adapter without merging."""
+def vllm_sampling_params(llm, settings: GenerationSettings):
+    """SamplingParams for `settings`, with the vision-token ban resolved into token ids up front.
+
+    vLLM 0.11.0 turns `bad_words` into token ids on a clone of the caller's params (`v1/engine/processor.py:409-419`),
+    but for n > 1 it fans out child requests copied from the caller's *unresolved* params
+    (`v1/engine/llm_engine.py:244-247`, `v1/engine/parallel_sampling.py:67`): every completion of a multi-sample
+    request ignores the ban (KNOWN_ISSUES M11, measured in tests/test_vllm_colocate.py). Resolving it here puts the ids
+    on the params the children are copied from. TRL's colocate path asks for n=1 per prompt and is not affected."""
     from vllm import SamplingParams
 
+    tokenizer = llm.get_tokenizer()
     params = SamplingParams(
         n=settings.num_samples,
         temperature=max(settings.temperature, 0.0),
         top_p=settings.top_p,
         max_tokens=settings.max_new_tokens,
-        **vision_token_ban(processor.tokenizer, use_vllm=True),
+        **vision_token_ban(tokenizer, use_vllm=True),
     )
+    params.update_from_tokenizer(tokenizer)
+    return params
+
+
+def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings, lora_request=None) -> list[list[str]]:
+    """The same completions with a vLLM engine (`vllm.LLM`); `lora_request` applies an adapter without merging."""
+    params = vllm_sampling_params(llm, settings)
     requests = [
         {"prompt": text, "multi_modal_data": {"image": image}}
         for text, image in zip(prompt_texts(processor, prompts), images, strict=True)
@@ -149,9 +163,11 @@ def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings,
 
 
 def vllm_available() -> bool:
+    """vLLM is installed and can run here: a GPU, or the CPU build (`make vllm-cpu`); the runtime's CUDA build of
+    vLLM on a machine without a GPU cannot."""
     try:
         import torch
-        import vllm  # noqa: F401
+        from vllm.platforms import current_platform
     except ImportError:
         return False
-    return torch.cuda.is_available()  # this stack's vLLM has no CPU backend
+    return torch.cuda.is_available() or current_platform.is_cpu()

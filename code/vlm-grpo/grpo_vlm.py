@@ -25,6 +25,7 @@ Add `--dry_run` to either to check arguments, data, processor and batch arithmet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 
-from data import DatasetError, load_raw_dataset, prepare_dataset, split_train_eval  # noqa: E402
+from data import (  # noqa: E402
+    IMAGE_POLICIES,
+    DatasetError,
+    load_raw_dataset,
+    prepare_dataset,
+    split_train_eval,
+    survey_dataset,
+)
 from generation import vision_token_ban  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
@@ -66,7 +74,19 @@ class VLMGRPOScriptArguments(ScriptArguments):
     )
     max_image_side: int | None = field(
         default=512,
-        metadata={"help": "Drop rows whose image has a side longer than this (pixels). 0 disables the filter."},
+        metadata={
+            "help": "Longest image side, in pixels (0: no limit). Qwen2.5-VL spends one token per 28x28 pixels, so "
+            "512 caps an image at 324 tokens (18x18 after the processor rounds sides to multiples of 28). What happens "
+            "to a larger image: see --image_policy."
+        },
+    )
+    image_policy: str = field(
+        default="downscale",
+        metadata={
+            "help": "downscale: shrink an image larger than --max_image_side to fit, aspect ratio kept, before the "
+            "processor and vLLM see it (the row is kept); drop: drop the row (TRL's example does).",
+            "choices": list(IMAGE_POLICIES),
+        },
     )
     eval_fraction: float = field(
         default=0.02, metadata={"help": "Fraction of rows held out for evaluation (0 disables the split)."}
@@ -112,6 +132,13 @@ class VLMGRPOScriptArguments(ScriptArguments):
             "the upstream loop."
         },
     )
+
+    def __post_init__(self):
+        # argparse checks `choices` on the command line only; a --config YAML value arrives unchecked.
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"--image_policy must be one of {list(IMAGE_POLICIES)}, got {self.image_policy!r}")
+        if self.max_image_side is not None and self.max_image_side < 0:
+            raise ConfigError(f"--max_image_side must be >= 0 (0: no limit), got {self.max_image_side}")
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
@@ -273,8 +300,8 @@ def load_processor(model_args):
     )
 
 
-def load_datasets(script_args, training_args, processor, limit: int | None = None):
-    """(train, eval or None, FilterStats)."""
+def load_source(script_args, training_args, limit: int | None = None):
+    """(raw rows to use, rows in the source): the source cut to --max_train_samples (and `limit`)."""
     raw = load_raw_dataset(
         script_args.dataset_name,
         script_args.dataset_config,
@@ -286,15 +313,31 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
     n = min(x for x in (source_rows, script_args.max_train_samples, limit) if x is not None)
     if n < source_rows:
         raw = raw.select(range(n))
-    dataset, stats = prepare_dataset(
-        raw,
-        processor,
-        max_image_side=script_args.max_image_side,
-        max_prompt_length=script_args.max_prompt_length,
-        system_prompt=script_args.system_prompt,
-        num_proc=script_args.dataset_num_proc,
-    )
+    return raw, source_rows
+
+
+def load_datasets(script_args, training_args, processor, limit: int | None = None):
+    """(train, eval or None, FilterStats)."""
+    # Once per node: under `accelerate launch` the node's first process loads and prepares the data (decoding every
+    # image) while the others wait at a barrier; they then find datasets' cache files of each step (same source,
+    # same function and arguments, so the same fingerprint) and read them instead of redoing the work. Sources held
+    # in memory (`synthetic`) have no cache: every process builds those, small, again. Scripts without a trainer
+    # (evaluate.py) pass a namespace without main_process_first.
+    first = getattr(training_args, "main_process_first", None)
+    with first(local=True, desc="dataset preparation") if first else contextlib.nullcontext():
+        raw, source_rows = load_source(script_args, training_args, limit)
+        dataset, stats = prepare_dataset(
+            raw,
+            processor,
+            max_image_side=script_args.max_image_side,
+            max_prompt_length=script_args.max_prompt_length,
+            system_prompt=script_args.system_prompt,
+            num_proc=script_args.dataset_num_proc,
+            image_policy=script_args.image_policy,
+        )
     stats.source_rows = source_rows
+    if getattr(training_args, "should_log", True):  # the node's first process: one "kept" line, not one per GPU
+        logger.info("dataset: %s", stats.summary())
     train, held_out = split_train_eval(dataset, script_args.eval_fraction if limit is None else 0, training_args.seed)
     return train, held_out, stats
 
@@ -318,6 +361,7 @@ def batch_plan(training_args, num_train_rows: int) -> dict:
         "train_rows": num_train_rows,
         "steps": steps,
         "max_completion_length": training_args.max_completion_length,
+        "generation": f"vLLM {training_args.vllm_mode}" if training_args.use_vllm else "transformers",
     }
 
 
@@ -385,24 +429,37 @@ def setup(script_args, training_args, model_args):
 
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
-    """Check the first rows, the processor and the batch arithmetic; print the plan. Loads no model weights."""
-    checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
-    # Extrapolate the checked rows' keep rate to the whole source, minus the held-out split.
-    usable = min(stats.source_rows, script_args.max_train_samples or stats.source_rows)
-    expected_train_rows = int(usable * len(checked) / max(stats.total, 1) * (1 - script_args.eval_fraction))
-    plan = batch_plan(training_args, num_train_rows=max(expected_train_rows, 1))
+    """Prepare the first rows for real, survey every row from its image header (sizes, image tokens, prompt lengths,
+    rows kept under each --image_policy), check the processor and the batch arithmetic; print the plan. Loads no
+    model weights."""
+    _, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    raw, _ = load_source(script_args, training_args)
+    survey = survey_dataset(
+        raw,
+        processor,
+        max_image_side=script_args.max_image_side,
+        max_prompt_length=script_args.max_prompt_length,
+        system_prompt=script_args.system_prompt,
+    )
+    kept = survey["kept"][script_args.image_policy]
+    # split_train_eval's arithmetic: at least one row held out when the fraction is > 0
+    held_out = max(1, math.floor(kept * script_args.eval_fraction)) if script_args.eval_fraction > 0 and kept > 1 else 0
+    plan = batch_plan(training_args, num_train_rows=max(kept - held_out, 1))
     plan.update(
         dataset=script_args.dataset_name,
         checked_rows=stats.summary(),
         output_dir=training_args.output_dir,
         resume_from_checkpoint=training_args.resume_from_checkpoint,
         lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
-        generation=f"vLLM {training_args.vllm_mode}" if training_args.use_vllm else "transformers",
         gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs
         if training_args.gradient_checkpointing
         else None,
     )
-    plan["note"] = f"train_rows extrapolated from the first {stats.total} of {stats.source_rows} rows"
+    plan["data"] = {"image_policy": script_args.image_policy, **survey}
+    plan["note"] = (
+        f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
+        "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
+    )
     print("dry run plan: " + json.dumps(plan, indent=2, default=str))
     return plan
 
@@ -419,7 +476,9 @@ def train(script_args, training_args, model_args, processor, callbacks=None):
 
 
 def main(script_args, training_args, model_args) -> Path | None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: intel_extension_for_pytorch (loaded by the CPU build of vLLM) gives the root logger a handler at
+    # WARNING, which would silence this script's INFO lines (the data counts, the plan)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     processor = setup(script_args, training_args, model_args)
     if script_args.dry_run:
         dry_run(script_args, training_args, model_args, processor)
