@@ -6,6 +6,9 @@ of scripts/evaluate.py are in tests/test_learning.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -185,3 +188,28 @@ def test_importance_sampling_ratio_is_one_when_both_sides_score_the_same_policy(
               if "sampling/importance_sampling_ratio/mean" in h]
     assert len(ratios) == 3
     assert all(0.9 <= r <= 1.1 for r in ratios), ratios
+
+
+# ---- scripts/evaluate.py's vLLM path with a LoRA request -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_model, tmp_path):
+    """q_proj/v_proj adapters (the seed's) reach vLLM as a LoRARequest on the base engine, not merged. Learning
+    through vLLM and its evaluation (an lm_head adapter, merged for vLLM) are tests/test_learning.py's."""
+    from _tiny import REPO, make_adapter
+
+    adapter = make_adapter(tiny_model)  # random non-zero B: it changes the outputs
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", str(tiny_model),
+         "--adapter", str(adapter), "--dataset_name", "synthetic", "--synthetic_rows", "64", "--eval_fraction", "0.1",
+         "--max_samples", "4", "--max_new_tokens", "8", "--backend", "vllm", "--output_dir", str(out), "--no_progress"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["generation"]["backend"] == "vllm"
+    assert report["models"]["adapter"]["path"] == str(adapter), "served as a LoRA request, not merged"
+    completions = {label: (out / f"completions-{label}.jsonl").read_text() for label in ("base", "adapter")}
+    assert completions["base"] != completions["adapter"], "the adapter changed vLLM's greedy completions"
