@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 ZERO3_YAML = "code/vlm-grpo/deepspeed_zero3.yaml"
-REQUIREMENTS = ["code/vlm-grpo/requirements.txt", "code/vlm-grpo/requirements-dev.txt"]
+REQUIREMENTS = ["code/vlm-grpo/requirements.txt", "code/vlm-grpo/requirements-dev.txt",
+                "code/vlm-grpo/requirements-vllm-cpu.txt"]
 
 
 # ---- code/vlm-grpo/deepspeed_zero3.yaml ------------------------------------------------------------------------
@@ -99,7 +100,9 @@ def test_launch_env_of_the_yaml_is_what_validate_args_reads(repo_root, tmp_path,
 
 # ---- requirements ------------------------------------------------------------------------------------------------
 
-PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[0-9][^\s#]*)\s+#\s*(?P<why>\S.*)$")
+PIN = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9,._-]+\])?==(?P<version>[0-9][^\s#]*)\s+#\s*(?P<why>\S.*)$"
+)
 
 
 def _requirement_lines(path):
