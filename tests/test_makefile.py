@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,29 @@ def test_missing_docker_is_one_line(tmp_path):
         path_tail = "/usr/bin:/bin"
     run = run_make(tmp_path, "docker-build", tools=(), path_tail=path_tail)
     assert_one_line_error(run, "`docker` not found")
+
+
+# ---- set-up: the CPU build of vLLM ------------------------------------------------------------------------------
+
+
+def dry_make(*args: str) -> str:
+    """What make would run (`make -n`), for a venv that does not exist yet: the whole set-up chain shows."""
+    proc = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("target", ["smoke", "test", "vllm-cpu"])
+def test_set_up_builds_and_installs_vllm_for_cpu(tmp_path, target):
+    out = dry_make(target, f"VENV={tmp_path}/venv")
+    build = [line for line in out.splitlines() if "scripts/build_vllm_cpu.py" in line]
+    assert len(build) == 1, out
+    # the project's pins and vLLM's runtime pins in one resolver call: torch stays the pinned 2.8.0
+    assert build[0].endswith("--install code/vlm-grpo/requirements-dev.txt code/vlm-grpo/requirements-vllm-cpu.txt")
+    assert "--wheel-dir .whl" in build[0]
+    assert out.index("pip install -r code/vlm-grpo/requirements-dev.txt") < out.index("scripts/build_vllm_cpu.py")
+
+
+def test_smoke_without_vllm_skips_the_build(tmp_path):
+    out = dry_make("smoke", "SMOKE_VLLM=0", f"VENV={tmp_path}/venv")
+    assert "build_vllm_cpu.py" not in out and "SMOKE_VLLM=0" in out
