@@ -199,13 +199,126 @@ def test_rgb_image_bytes_pass_through_untouched(processor):
     assert raw_bytes(prepared) == [original]
 
 
-def test_image_over_max_image_side_dropped(processor):
+def jpeg(size, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def halves(size, left=(255, 0, 0), right=(0, 0, 255), fmt="PNG") -> bytes:
+    """An image whose left half is `left` and right half `right`: a downscale must keep them apart."""
+    image = Image.new("RGB", size, right)
+    image.paste(left, (0, 0, size[0] // 2, size[1]))
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def processor_prompt_length(processor, problem: str, image) -> int:
+    """Prompt length as GRPOTrainer gets it: the processor expands the image into its tokens."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    messages = prepare_multimodal_messages(make_prompt(problem, SYSTEM_PROMPT), images=[image])
+    tokenized = processor.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return len(tokenized["input_ids"][0])
+
+
+@pytest.fixture
+def oversized_parquet(tmp_path):
+    """A hub-shaped parquet file: one small image, four with a side over 512 (JPEG and PNG, landscape and portrait,
+    grayscale), one undecodable."""
+    path = tmp_path / "big.parquet"
+    rows_dataset([
+        png((56, 56)),
+        halves((1024, 768), fmt="JPEG"),
+        halves((600, 1200)),
+        png((513, 40)),
+        png((40, 600), mode="L"),
+        b"not an image",
+    ]).to_parquet(str(path))
+    return path
+
+
+# (source size, stored size): longer side 512, shorter side scaled by the same factor and rounded up, so the image
+# never gets more elongated than its source (768*512/1024 = 384, 600*512/1200 = 256, 40*512/513 = 39.9 -> 40,
+# 40*512/600 = 34.1 -> 35)
+DOWNSCALED = [((56, 56), (56, 56)), ((1024, 768), (512, 384)), ((600, 1200), (256, 512)), ((513, 40), (512, 40)),
+              ((40, 600), (35, 512))]
+
+
+def test_oversized_images_are_downscaled_not_dropped_by_default(oversized_parquet, processor):
+    prepared, stats = prepare_dataset(load_raw_dataset(str(oversized_parquet)), processor)
+    assert stats.total == 6 and stats.kept == 5  # every decodable row
+    assert dict(stats.dropped) == {"undecodable image": 1}
+    assert stats.downscaled == 4
+    assert "kept 5/6 rows, 4 downscaled to max_image_side=512" in stats.summary()
+    for image, (source, stored) in zip(prepared["image"], DOWNSCALED, strict=True):
+        assert image.size == stored and image.mode == "RGB"
+        if max(source) > 512:  # aspect ratio kept: the shorter side scaled by 512/longer, rounded up
+            assert max(image.size) == 512
+            assert 0 <= min(image.size) - min(source) * 512 / max(source) < 1
+    # the pixels are the source's, shrunk: the red left half and blue right half stay where they were
+    for image in prepared["image"][1:3]:
+        w, h = image.size
+        red, blue = image.getpixel((w // 8, h // 2)), image.getpixel((w - 1 - w // 8, h // 2))
+        assert red[0] > 200 and red[2] < 50 and blue[2] > 200 and blue[0] < 50
+    assert prepared["image"][4].getpixel((5, 5)) == (0, 0, 0)  # the grayscale one, converted to RGB
+
+
+def test_downscaled_images_are_stored_in_their_source_format(oversized_parquet, processor):
+    prepared, _ = prepare_dataset(load_raw_dataset(str(oversized_parquet)), processor)
+    stored = raw_bytes(prepared)
+    assert stored[1][:3] == b"\xff\xd8\xff"  # JPEG stays JPEG (a PNG of a photo is ~5x bigger and slower)
+    assert stored[2][:8] == b"\x89PNG\r\n\x1a\n"  # PNG stays lossless
+    assert Image.open(io.BytesIO(stored[1])).size == (512, 384)  # what is stored is the downscaled image
+
+
+def test_prompt_length_is_counted_on_the_downscaled_image(processor):
+    # max_image_side 224: a 448x448 image costs 256 tokens, downscaled to 224x224 it costs 64
+    problem = "How many red circles are in image 0?"
+    small = processor_prompt_length(processor, problem, Image.new("RGB", (224, 224)))
+    big = processor_prompt_length(processor, problem, Image.new("RGB", (448, 448)))
+    assert big - small == 256 - 64
+    ds = rows_dataset([png((448, 448))], problems=[problem])
+    prepared, stats = prepare_dataset(ds, processor, max_image_side=224, max_prompt_length=small)
+    assert stats.kept == 1 and prepared[0]["image"].size == (224, 224)
+    assert prepared["prompt_tokens"] == [small]  # what the trainer's processor makes of the stored image
+    assert processor_prompt_length(processor, problem, prepared[0]["image"]) == small
+    with pytest.raises(DatasetError, match=f"1 prompt > max_prompt_length={small - 1} tokens"):
+        prepare_dataset(ds, processor, max_image_side=224, max_prompt_length=small - 1)
+
+
+def test_drop_policy_still_drops_oversized_images(oversized_parquet, processor):
+    raw = load_raw_dataset(str(oversized_parquet))
+    prepared, stats = prepare_dataset(raw, processor, max_image_side=512, image_policy="drop")
+    assert stats.kept == 1 and stats.downscaled == 0
+    assert dict(stats.dropped) == {"image side > max_image_side=512": 4, "undecodable image": 1}
+    assert [im.size for im in prepared["image"]] == [(56, 56)]
+
+
+def test_image_at_the_limit_is_neither_dropped_nor_resized(processor):
     ds = rows_dataset([png((56, 56)), png((513, 40)), png((40, 600)), png((512, 512))])
-    prepared, stats = prepare_dataset(ds, processor, max_image_side=512)
+    prepared, stats = prepare_dataset(ds, processor, max_image_side=512, image_policy="drop")
     assert stats.kept == 2 and stats.dropped["image side > max_image_side=512"] == 2
     assert [im.size for im in prepared["image"]] == [(56, 56), (512, 512)]
-    _, no_limit = prepare_dataset(ds, processor, max_image_side=0)  # 0 disables the filter
-    assert no_limit.kept == 4
+    prepared, stats = prepare_dataset(ds, processor, max_image_side=0)  # 0: no limit, nothing resized
+    assert stats.kept == 4 and stats.downscaled == 0
+    assert [im.size for im in prepared["image"]] == [(56, 56), (513, 40), (40, 600), (512, 512)]
+
+
+def test_images_more_elongated_than_qwen_accepts_are_dropped_and_counted(processor):
+    # Qwen2.5-VL's resize raises on an aspect ratio over 200: the row would crash training, so it is dropped
+    ds = rows_dataset([png((2010, 10)), png((2000, 10)), png((10, 2400))])
+    prepared, stats = prepare_dataset(ds, processor)
+    assert dict(stats.dropped) == {"image aspect ratio > 200": 2}
+    assert [im.size for im in prepared["image"]] == [(512, 3)]  # 10*512/2000 = 2.56, rounded up: ratio 171
+
+
+def test_unknown_image_policy_is_a_clear_error(processor):
+    with pytest.raises(DatasetError, match=r"--image_policy must be one of \['downscale', 'drop'\], got 'shrink'"):
+        prepare_dataset(rows_dataset([png()]), processor, image_policy="shrink")
 
 
 def test_prompt_over_max_prompt_length_dropped_and_counted(processor):
@@ -223,7 +336,7 @@ def test_prompt_over_max_prompt_length_dropped_and_counted(processor):
 def test_nothing_survives_is_a_clear_error(processor):
     ds = rows_dataset([b"junk", png((900, 900))])
     with pytest.raises(DatasetError) as err:
-        prepare_dataset(ds, processor, max_image_side=512)
+        prepare_dataset(ds, processor, max_image_side=512, image_policy="drop")
     message = str(err.value)
     assert "no rows left" in message and "kept 0/2" in message
     assert "1 undecodable image" in message and "max_image_side" in message
@@ -293,3 +406,57 @@ def test_empty_or_corrupt_local_file_is_a_dataset_error(tmp_path, name):
         path.write_text("")
     with pytest.raises(DatasetError, match="could not read it as a dataset"):
         load_raw_dataset(str(path))
+
+
+# ---- once per node --------------------------------------------------------------------------------------------------
+
+
+def test_scale_parquet_is_hub_shaped(tmp_path):
+    import make_scale_parquet
+
+    summary = make_scale_parquet.write(tmp_path / "s.parquet", rows=6, seed=3)
+    ds = load_raw_dataset(str(tmp_path / "s.parquet"))
+    assert len(ds) == summary["rows"] == 6
+    assert ds.column_names == ["image", "problem", "solution", "original_question", "original_answer"]
+    assert isinstance(ds.features["image"], datasets.Image)  # read as an image column, like the hub dataset
+    sizes = [image.size for image in ds["image"]]
+    assert all(200 <= side <= 1000 for size in sizes for side in size)
+    assert summary["longer_side_over_512"] == sum(max(size) > 512 for size in sizes)
+    assert all(image.format == "JPEG" for image in ds["image"])
+    for row in ds:
+        assert row["solution"].endswith(f"</think>\n\n<answer>{row['original_answer']}</answer>")
+    assert make_scale_parquet.write(tmp_path / "t.parquet", rows=6, seed=3) == summary  # deterministic
+
+
+@pytest.mark.slow
+def test_two_processes_prepare_the_data_once(tmp_path, tiny_model, repo_root):
+    """Under `accelerate launch` (the recipe's ZeRO-3 config, 2 processes), the first process prepares the rows and
+    the second reads its cache: one "checking rows" pass, one "kept" line, the same rows in both."""
+    import os
+    import subprocess
+    import sys
+
+    import make_scale_parquet
+
+    # 40 photo-sized images: about a second of work, long enough that a second process not made to wait would
+    # start its own pass before the first one's cache exists (3 tiny images would not show it)
+    parquet = tmp_path / "data.parquet"
+    summary = make_scale_parquet.write(parquet, rows=40)
+    result = tmp_path / "prep.json"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file=code/vlm-grpo/deepspeed_zero3.yaml",
+         "scripts/measure_data_prep.py", "--result", str(result), "--model_name_or_path", str(tiny_model),
+         "--dataset_name", str(parquet), "--output_dir", str(tmp_path / "run"), "--eval_fraction", "0"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("checking rows: 100%") == 1, output[-3000:]  # datasets shows no bar for a cache hit
+    assert output.count("dataset: kept") == 1
+    downscaled = summary["longer_side_over_512"]
+    assert f"dataset: kept 40/40 rows, {downscaled} downscaled to max_image_side=512 (dropped: none)" in output
+    report = json.loads(result.read_text())
+    first, second = report["processes"]
+    assert first["train_rows"] == second["train_rows"] == 40
+    assert first["cache_files"] == second["cache_files"] != []  # the second process reads the first one's files

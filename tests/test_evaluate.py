@@ -98,7 +98,7 @@ def test_empty_dataset_is_refused(tmp_path, tiny_model):
 
 def test_dataset_emptied_by_the_filters_is_refused(tmp_path, tiny_model):
     with pytest.raises(DatasetError, match="no rows left after filtering.*max_image_side"):
-        evaluate.main(["--model_name_or_path", str(tiny_model), *DATA, "--max_image_side", "10",
+        evaluate.main(["--model_name_or_path", str(tiny_model), *DATA, "--max_image_side", "10", "--image_policy", "drop",
                        "--output_dir", str(tmp_path), *GEN])
 
 
