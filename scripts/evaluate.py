@@ -18,8 +18,8 @@ or with a merged model (scripts/merge_lora.py): `--merged_model outputs/merged`.
         --dataset_name synthetic --eval_fraction 0.1 --max_new_tokens 32 --output_dir outputs/smoke/eval
 
 `--split all` scores every row of `--dataset_name` instead (any dataset grpo_vlm.py accepts, e.g. a test set of
-your own). Generation uses vLLM when it is installed and a GPU is present (`--backend auto`), transformers'
-batched `generate` otherwise; greedy by default (`--temperature 0`).
+your own). Generation uses vLLM when it can run here (`--backend auto`: a GPU, or the CPU build of `make vllm-cpu`),
+transformers' batched `generate` otherwise; greedy by default (`--temperature 0`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
 
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor  # noqa: E402
-from data import DatasetError  # noqa: E402
+from data import IMAGE_POLICIES, DatasetError  # noqa: E402
 from generation import GenerationSettings, hf_generate, vllm_available, vllm_generate  # noqa: E402
 from grpo_vlm import VLMGRPOScriptArguments, load_datasets  # noqa: E402
 from rewards import REWARD_FUNCS  # noqa: E402
@@ -68,6 +68,8 @@ class EvalArguments:
     synthetic_rows: int = field(default=_TRAIN.synthetic_rows, metadata={"help": "As grpo_vlm.py --synthetic_rows."})
     max_train_samples: int | None = field(default=None, metadata={"help": "As grpo_vlm.py --max_train_samples."})
     max_image_side: int | None = field(default=_TRAIN.max_image_side, metadata={"help": "As grpo_vlm.py --max_image_side."})
+    image_policy: str = field(default=_TRAIN.image_policy, metadata={"help": "As grpo_vlm.py --image_policy.",
+                                                                     "choices": list(IMAGE_POLICIES)})
     max_prompt_length: int | None = field(default=None, metadata={"help": "As grpo_vlm.py --max_prompt_length."})
     eval_fraction: float = field(default=_TRAIN.eval_fraction, metadata={"help": "As grpo_vlm.py --eval_fraction."})
     seed: int = field(default=TRAINING_SEED, metadata={"help": "As grpo_vlm.py --seed (the split's shuffle); also "
@@ -86,7 +88,7 @@ class EvalArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (when temperature > 0)."})
     num_samples: int = field(default=1, metadata={"help": "Completions per question (use > 1 with temperature > 0)."})
     batch_size: int = field(default=8, metadata={"help": "Questions per generate call (transformers backend)."})
-    backend: str = field(default="auto", metadata={"help": "auto: vLLM if installed with a GPU, else transformers.",
+    backend: str = field(default="auto", metadata={"help": "auto: vLLM if it can run here (GPU, or the CPU build), else transformers.",
                                                    "choices": ["auto", "vllm", "hf"]})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), "
                                                          "bfloat16 or float32.",
@@ -127,6 +129,7 @@ def load_eval_rows(args: EvalArguments, processor):
         synthetic_rows=args.synthetic_rows,
         max_train_samples=args.max_train_samples,
         max_image_side=args.max_image_side,
+        image_policy=args.image_policy,
         max_prompt_length=args.max_prompt_length,
         eval_fraction=args.eval_fraction if args.split == "held_out" else 0.0,
     )
@@ -236,25 +239,54 @@ def _pick_backend(backend: str) -> str:
         return "hf"
     available = vllm_available()
     if backend == "vllm" and not available:
-        raise ValueError("--backend vllm: vLLM is not installed or no GPU is visible; use --backend hf")
+        raise ValueError("--backend vllm: vLLM cannot run here (not installed, or its CUDA build without a GPU; "
+                         "`make vllm-cpu` builds it for CPU); use --backend hf")
     return "vllm" if available else "hf"
+
+
+# Modules vLLM 0.11.0 cannot put a LoRA on for Qwen2.5-VL (its model declares no embedding modules for LoRA):
+# such an adapter is merged first (scripts/merge_lora.py) and its merged model scored as `adapter`.
+VLLM_LORA_UNSUPPORTED = ("lm_head", "embed_tokens")
+
+
+def _merge_for_vllm(args, adapter_dir: Path) -> str:
+    import merge_lora
+
+    out = Path(args.output_dir) / "adapter-merged-for-vllm"
+    logger.info("%s adapts %s, which vLLM's LoRA cannot serve: scoring it merged (%s)", adapter_dir,
+                "/".join(VLLM_LORA_UNSUPPORTED), out)
+    merge_args = ["--adapter", str(adapter_dir), "--output_dir", str(out), "--model_name_or_path", args.model_name_or_path]
+    merge_lora.main([*merge_args, *(["--ignore_base_name"] if args.ignore_base_name else [])])
+    return str(out)
 
 
 def _run_vllm(args, processor, rows, adapter_dir, dtype):
     """Base and adapter from one engine (the adapter as a LoRA request), the merged model from a second one."""
     import gc
+    import os
 
     import torch
+
+    from adapters import check_base_name, read_adapter_config
+    from vllm_colocate import cpu_thread_binding_workaround
+
+    # One engine in this process, no engine-core subprocess: nothing to gain for offline scoring, and it works from
+    # any caller (tests, notebooks) without a __main__ guard.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cpu_thread_binding_workaround()  # CPU build only: the engine shares this process's cores (KNOWN_ISSUES M9)
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from adapters import check_base_name, read_adapter_config
-
     completions, models = {}, {}
     engine_kwargs = dict(dtype=dtype, limit_mm_per_prompt={"image": 1}, seed=args.seed, gpu_memory_utilization=0.8)
-    if not args.skip_base or adapter_dir:
+    merged_adapter = None
+    if adapter_dir:
+        targets = read_adapter_config(adapter_dir).get("target_modules") or []
+        if any(t in VLLM_LORA_UNSUPPORTED for t in ([targets] if isinstance(targets, str) else targets)):
+            merged_adapter = _merge_for_vllm(args, adapter_dir)
+    if not args.skip_base or (adapter_dir and not merged_adapter):
         lora_kwargs = {}
-        if adapter_dir:
+        if adapter_dir and not merged_adapter:
             if not args.ignore_base_name:
                 check_base_name(adapter_dir, args.model_name_or_path)
             rank = int(read_adapter_config(adapter_dir).get("r", 16))
@@ -265,13 +297,19 @@ def _run_vllm(args, processor, rows, adapter_dir, dtype):
         if not args.skip_base:
             completions["base"] = generate_all(args, "base", llm, processor, rows)
             models["base"] = args.model_name_or_path
-        if adapter_dir:
+        if adapter_dir and not merged_adapter:
             completions["adapter"] = generate_all(args, "adapter", llm, processor, rows,
                                                   lora_request=LoRARequest("adapter", 1, str(adapter_dir)))
             models["adapter"] = str(adapter_dir)
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+    if merged_adapter:
+        llm = LLM(model=merged_adapter, **engine_kwargs)
+        completions["adapter"] = generate_all(args, "adapter", llm, processor, rows)
+        models["adapter"] = f"{adapter_dir} (merged for vLLM: {merged_adapter})"
+        del llm
+        gc.collect()
     if args.merged_model:
         llm = LLM(model=args.merged_model, **engine_kwargs)
         completions["merged"] = generate_all(args, "merged", llm, processor, rows)
@@ -324,7 +362,9 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: intel_extension_for_pytorch (loaded by the CPU build of vLLM) gives the root logger a handler at
+    # WARNING, which would silence this script's INFO lines (the data counts, the plan)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parse_args(argv)
     report = evaluate(args)
     print(markdown_table(report))

@@ -216,15 +216,21 @@ def test_vllm_sleep_mode_is_refused():
         _validate([*BASE, "--use_vllm", "--vllm_enable_sleep_mode"])
 
 
-def test_use_vllm_without_vllm_is_refused():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("vLLM is installed here: the refusal cannot trigger")
-    with pytest.raises(ConfigError, match=r"needs vLLM.*pytorch-28-vllm-0110-nvidia"):
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """A machine without vLLM: `import vllm` raises ImportError (None in sys.modules does that)."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+
+
+def test_use_vllm_without_vllm_is_refused(no_vllm):
+    with pytest.raises(ConfigError, match=r"needs vLLM.*pytorch-28-vllm-0110-nvidia.*make vllm-cpu"):
         _validate(SEED_SCRIPT_ARGV)
+
+
+def test_dry_run_of_the_seed_command_without_vllm_warns_and_goes_on(no_vllm, caplog):
+    with caplog.at_level("WARNING", logger="grpo_vlm"):
+        _validate([*SEED_SCRIPT_ARGV, "--dry_run"])
+    assert "needs vLLM, which is not importable here" in caplog.text and "dry run checks everything else" in caplog.text
 
 
 @pytest.fixture

@@ -137,12 +137,155 @@ def test_unknown_reward_fails_with_the_valid_names(run_script, weightless_model,
     _fails_fast(run_script, argv, ["unknown reward function(s) ['acuracy']", "'accuracy'", "'format'"])
 
 
-def test_the_seed_command_without_vllm_fails_before_downloading(run_script, tmp_path):
+@pytest.fixture(scope="module")
+def no_vllm_path(tmp_path_factory):
+    """A PYTHONPATH entry that makes the interpreter behave as on a laptop without vLLM: its sitecustomize puts None
+    in sys.modules["vllm"], so `import vllm` fails and `importlib.util.find_spec("vllm")` (TRL's check) finds nothing."""
+    root = tmp_path_factory.mktemp("no-vllm")
+    (root / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None\n")
+    return root
+
+
+def test_the_seed_command_without_vllm_fails_before_downloading(run_script, tmp_path, no_vllm_path):
     """The seed command verbatim on a machine without vLLM: refused before the 3B model or dataset is fetched."""
     argv = swap(SEED_SCRIPT_ARGV, output_dir=str(tmp_path / "run"))
-    _fails_fast(run_script, argv, ["--use_vllm needs vLLM"], env={"FLEXAI_INPUT_CHECKPOINT_DIR": None})
+    _fails_fast(run_script, argv, ["--use_vllm needs vLLM"],
+                env={"FLEXAI_INPUT_CHECKPOINT_DIR": None, "PYTHONPATH": str(no_vllm_path)})
 
 
 def test_indivisible_batch_fails_with_a_clear_error(run_script, weightless_model, tmp_path):
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--per_device_train_batch_size", "6", "--dry_run"]
     _fails_fast(run_script, argv, ["must be divisible by num_generations (8)", "counts completions, not prompts"])
+
+
+def test_unknown_image_policy_in_a_config_file_fails_with_a_clear_error(run_script, weightless_model, tmp_path):
+    # argparse checks `choices` on the command line only; a --config YAML value must be refused too
+    config = tmp_path / "run.yaml"
+    config.write_text("image_policy: shrink\n")
+    argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--config", str(config), "--dry_run"]
+    _fails_fast(run_script, argv, ["--image_policy must be one of ['downscale', 'drop'], got 'shrink'"])
+
+
+def test_negative_max_image_side_fails_with_a_clear_error(run_script, weightless_model, tmp_path):
+    argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--max_image_side", "-1", "--dry_run"]
+    _fails_fast(run_script, argv, ["--max_image_side must be >= 0 (0: no limit), got -1"])
+
+
+# ---- the data survey: every row, from its image header ---------------------------------------------------------------
+
+
+def _encoded(size, fmt="PNG") -> dict:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 120, 200)).save(buf, fmt)
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+# The fixture's readable images (width, height), and by hand for the tiny processor (patch 14 x merge 2 = 28 px per
+# token side, min_pixels 3136, max_pixels 200704), what Qwen2.5-VL's resize makes of them, as stored and downscaled
+# to --max_image_side 256 (longer side 256, shorter side scaled by the same factor: exact here):
+#   56x56      -> 56x56 = 2x2 = 4 tokens;                       fits
+#   1024x768   -> over max_pixels, scaled to 504x364 = 18x13 = 234; downscaled 256x192 -> 252x196 = 9x7  = 63
+#   600x1200   -> over max_pixels, scaled to 308x616 = 11x22 = 242; downscaled 128x256 -> 140x252 = 5x9  = 45
+#   224x168    -> 224x168 = 8x6 = 48 tokens;                    fits
+SURVEY_SIZES = [(56, 56), (1024, 768), (600, 1200), (224, 168)]
+SURVEY_STORED = [(56, 56), (256, 192), (128, 256), (224, 168)]
+
+
+def test_dry_run_surveys_every_row_under_each_image_policy(run_script, weightless_model, processor, tmp_path):
+    import datasets
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    from data import make_prompt
+    from rewards import SYSTEM_PROMPT
+
+    def processor_prompt_length(image) -> int:
+        """The prompt length GRPOTrainer gets: the processor expands the image into its tokens."""
+        messages = prepare_multimodal_messages(make_prompt(problem, SYSTEM_PROMPT), images=[image])
+        ids = processor.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"][0]
+        return len(ids)
+
+    problem = "How many red circles are in the image?"
+    rows = [_encoded(SURVEY_SIZES[0]), _encoded(SURVEY_SIZES[1], "JPEG"), _encoded(SURVEY_SIZES[2]),
+            _encoded(SURVEY_SIZES[3]), {"bytes": b"not an image", "path": None}, _encoded((56, 56))]
+    parquet = tmp_path / "survey.parquet"
+    datasets.Dataset.from_dict(
+        {"image": rows, "problem": [problem] * 5 + [" "], "solution": ["<think>x</think>\n\n<answer>3</answer>"] * 6},
+        features=datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
+                                    "solution": datasets.Value("string")}),
+    ).to_parquet(str(parquet))
+    # Prompt lengths as the trainer's processor counts them, image expanded, at each stored size
+    length = {size: processor_prompt_length(Image.new("RGB", size))
+              for size in SURVEY_SIZES + SURVEY_STORED}
+    limit = length[(256, 192)] - 1  # drops the 63-token downscaled image, keeps the 48-token one
+    assert length[(224, 168)] <= limit
+
+    argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--max_image_side", "256", "--eval_fraction", "0",
+            "--dry_run"]
+    argv = swap(argv, dataset_name=str(parquet), max_prompt_length=str(limit))
+    proc = run_script(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = plan_of(proc.stdout)
+    data = plan["data"]
+    assert data["rows"] == 6 and data["image_policy"] == "downscale"
+    assert data["max_image_side"] == 256 and data["max_prompt_length"] == limit
+    assert data["unusable"] == {"empty problem or solution": 1, "undecodable image": 1}
+    # nearest-rank percentiles of 4 values v1 <= v2 <= v3 <= v4: min, p10 = v1; p50 = v2; p90, p99, max = v4
+    assert data["image_width"] == {"min": 56, "p10": 56, "p50": 224, "p90": 1024, "p99": 1024, "max": 1024}
+    assert data["image_height"] == {"min": 56, "p10": 56, "p50": 168, "p90": 1200, "p99": 1200, "max": 1200}
+    assert data["image_longer_side"] == {"min": 56, "p10": 56, "p50": 224, "p90": 1200, "p99": 1200, "max": 1200}
+    assert data["over_max_image_side"] == 2
+    assert data["image_tokens"]["original"] == {"min": 4, "p10": 4, "p50": 48, "p90": 242, "p99": 242, "max": 242}
+    assert data["image_tokens"]["downscale"] == {"min": 4, "p10": 4, "p50": 45, "p90": 63, "p99": 63, "max": 63}
+    # downscale keeps the 4 readable rows' prompts, sorted by their image tokens: 4, 45, 48, 63
+    by_tokens = [length[(56, 56)], length[(128, 256)], length[(224, 168)], length[(256, 192)]]
+    assert by_tokens == sorted(by_tokens)
+    assert data["prompt_tokens"]["downscale"] == {"min": by_tokens[0], "p10": by_tokens[0], "p50": by_tokens[1],
+                                                  "p90": by_tokens[3], "p99": by_tokens[3], "max": by_tokens[3]}
+    # drop keeps the two images within 256 px: 56x56 and 224x168
+    drop = [length[(56, 56)], length[(224, 168)]]
+    assert data["prompt_tokens"]["drop"] == {"min": drop[0], "p10": drop[0], "p50": drop[0], "p90": drop[1],
+                                             "p99": drop[1], "max": drop[1]}
+    assert data["over_max_prompt_length"] == {"downscale": 1, "drop": 0}
+    assert data["kept"] == {"downscale": 3, "drop": 2}
+    assert plan["train_rows"] == 3  # the default policy's rows, nothing held out (--eval_fraction 0)
+    # the rows prepared for real (all 6 here: the first 32) agree with the survey
+    assert plan["checked_rows"] == (
+        "kept 3/6 rows, 1 downscaled to max_image_side=256 (dropped: 1 empty problem or solution, "
+        f"1 prompt > max_prompt_length={limit} tokens, 1 undecodable image)"
+    )
+
+
+# ---- the seed command as FlexAI runs it: --use_vllm --vllm_mode colocate --------------------------------------------
+
+
+def test_dry_run_checks_the_vllm_command_on_a_machine_without_vllm(run_script, weightless_model, tmp_path,
+                                                                   no_vllm_path):
+    argv = [*offline_seed_script_args(weightless_model, tmp_path / "run", vllm=True), "--synthetic_rows", "16",
+            "--dry_run"]
+    proc = run_script(argv, env={"PYTHONPATH": str(no_vllm_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--use_vllm needs vLLM, which is not importable here" in proc.stderr
+    plan = plan_of(proc.stdout)
+    assert plan["generation"] == "vLLM colocate"
+    vllm = plan["vllm"]
+    assert vllm["installed"] is False
+    assert vllm["max_model_len"] == 2048 + 1024  # --max_prompt_length + --max_completion_length
+    assert vllm["model_context"] == 4096  # the tiny model's max_position_embeddings (scripts/make_tiny_model.py)
+    assert vllm["max_num_batched_tokens"] == 4096
+    assert vllm["longest_prompt"] == plan["data"]["prompt_tokens"]["downscale"]["max"] <= 2048
+    assert plan["checked_rows"] == "kept 16/16 rows (dropped: none)"
+
+
+def test_dry_run_refuses_a_vllm_context_longer_than_the_models(run_script, weightless_model, tmp_path, no_vllm_path):
+    argv = [*offline_seed_script_args(weightless_model, tmp_path / "run", vllm=True), "--synthetic_rows", "16",
+            "--max_completion_length", "3000", "--dry_run"]
+    proc = run_script(argv, env={"PYTHONPATH": str(no_vllm_path)})
+    assert proc.returncode == 1
+    assert "error: vLLM's max model length 5048" in proc.stderr and "context of 4096 tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -214,13 +214,16 @@ def validate_args(script_args, training_args, model_args) -> None:
             "lower --vllm_gpu_memory_utilization instead if memory is tight."
         )
     if training_args.use_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
+        if not vllm_importable():
+            message = (
                 "--use_vllm needs vLLM, which is not importable here. Use the FlexAI runtime "
-                "pytorch-28-vllm-0110-nvidia (or docker/Dockerfile), or drop --use_vllm to generate with transformers."
-            ) from err
+                "pytorch-28-vllm-0110-nvidia (or docker/Dockerfile; on a Linux x86-64 CPU machine `make vllm-cpu`), "
+                "or drop --use_vllm to generate with transformers."
+            )
+            if not script_args.dry_run:
+                raise ConfigError(message)
+            # A laptop without vLLM can still check the exact FlexAI command: everything but the engine itself.
+            logger.warning("%s The dry run checks everything else, the vLLM limits included.", message)
         if script_args.max_prompt_length and script_args.max_prompt_length > 4096:
             raise ConfigError(
                 f"--max_prompt_length {script_args.max_prompt_length} > 4096: TRL 1.2.0's colocated vLLM hard-codes "
@@ -235,6 +238,53 @@ def validate_args(script_args, training_args, model_args) -> None:
         )
     if script_args.eval_fraction < 0 or script_args.eval_fraction >= 1:
         raise ConfigError(f"--eval_fraction must be in [0, 1), got {script_args.eval_fraction}")
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# TRL 1.2.0 builds the colocated engine with max_num_batched_tokens=4096 (trl/generation/vllm_generation.py): a prompt
+# longer than that, image tokens included, cannot be scheduled (trl#3788).
+VLLM_COLOCATE_BATCHED_TOKENS = 4096
+
+
+def check_vllm_limits(training_args, model_args, longest_prompt: int | None) -> dict | None:
+    """The limits the colocated engine will hold the run to, checked without vLLM: context length against the
+    model's, the longest prompt the data produces against TRL's batched-token budget. None without --use_vllm."""
+    if not training_args.use_vllm:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    context = config.get_text_config().max_position_embeddings
+    max_model_len = training_args.vllm_max_model_length
+    if max_model_len is not None and max_model_len > context:
+        raise ConfigError(
+            f"vLLM's max model length {max_model_len} (--max_prompt_length + --max_completion_length, or "
+            f"--vllm_max_model_length) exceeds the model's context of {context} tokens: lower them."
+        )
+    if longest_prompt is not None and longest_prompt > VLLM_COLOCATE_BATCHED_TOKENS:
+        raise ConfigError(
+            f"the longest prompt of the data is {longest_prompt} tokens (image tokens included); TRL 1.2.0's "
+            f"colocated vLLM schedules at most {VLLM_COLOCATE_BATCHED_TOKENS} (trl#3788). Set --max_prompt_length "
+            f"{VLLM_COLOCATE_BATCHED_TOKENS} or less (longer rows are dropped) or a smaller --max_image_side."
+        )
+    return {
+        "mode": training_args.vllm_mode,
+        "installed": vllm_importable(),
+        "max_model_len": max_model_len if max_model_len is not None else context,
+        "model_context": context,
+        "max_num_batched_tokens": VLLM_COLOCATE_BATCHED_TOKENS,
+        "longest_prompt": longest_prompt,
+        "gpu_memory_utilization": training_args.vllm_gpu_memory_utilization,
+    }
 
 
 def _zero_stage() -> int | None:
@@ -456,6 +506,10 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
         else None,
     )
     plan["data"] = {"image_policy": script_args.image_policy, **survey}
+    longest = (survey["prompt_tokens"].get(script_args.image_policy) or {}).get("max")
+    if longest is not None and script_args.max_prompt_length:
+        longest = min(longest, script_args.max_prompt_length)  # longer rows are dropped before training
+    plan["vllm"] = check_vllm_limits(training_args, model_args, longest)
     plan["note"] = (
         f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
         "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
