@@ -26,7 +26,10 @@ input gradients only (same FLOPs as forward) and no base weight gradients:
   text forward   2·B·T·N·L + 2·B·T²·d·L (causal attention: half of QKᵀ and AV) + 2·B·(Tc+1)·d·V (LM head, completion
                  positions only: TRL passes logits_to_keep) + LoRA 2·B·T·r·(in+out) per adapted matrix
   text backward  the linear and LM-head terms again, attention twice, LoRA twice (input and weight gradients)
-  recompute      the decoder layers' forward again (gradient checkpointing)
+  recompute      the decoder layers' forward again (gradient checkpointing) but for each layer's MLP down_proj:
+                 torch's non-reentrant checkpoint stops re-running a layer once the last tensor its backward
+                 needs is saved again (early stop), and autograd saves a matmul's operands before running it, so
+                 the layer's last matmul is never recomputed (tests/test_bench.py checks this on torch's counter)
   vision forward per image of P patches: patch embedding, 32 blocks (qkv, proj, gated MLP; attention over 64-patch
                  windows, or all P patches in the 4 full-attention blocks), the 2x2 merger; no backward: nothing in the
                  tower is trainable and its input needs no gradient
@@ -123,7 +126,8 @@ def train_flops(a: dict, B: int, T: int, Tc: int, image_patches: list[int], lora
     vision = sum(vision_forward_flops(a, p) for p in image_patches)
     fwd = decoder_fwd + head + vision
     bwd = 2 * B * T * layer_linear * L + 2 * (2 * B * T * T * d * L) + 2 * lora + head
-    recompute = decoder_fwd if checkpointing else 0
+    # early stop (see the module docstring): the recomputation of a layer ends before its last matmul, down_proj
+    recompute = decoder_fwd - 2 * B * T * d * a["ff"] * L if checkpointing else 0
     return {"fwd": fwd, "bwd": bwd, "recompute": recompute, "vision": vision}
 
 

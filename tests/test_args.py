@@ -43,13 +43,13 @@ def _clean_env(monkeypatch):
 
 
 def test_seed_argv_is_the_seed_documents_command(repo_root):
-    """flexai_stub.SEED_ARGV must stay the seed document's command (when the shared notes are at hand)."""
+    """flexai_stub.SEED_ARGV must stay the seed document's command (when the team's shared notes sit beside the
+    repository, as ../shared)."""
     import shlex
-    from pathlib import Path
 
-    seed = Path("/work/shared/seed/vlm-grpo-flexai.md")
+    seed = repo_root.parent / "shared" / "seed" / "vlm-grpo-flexai.md"
     if not seed.exists():
-        pytest.skip("seed document not available here")
+        pytest.skip(f"seed document not available here ({seed})")
     text = seed.read_text()
     command = text[text.index("flexai training run") : text.index("```", text.index("flexai training run"))]
     argv = shlex.split(command.replace("\\\n", " "))
@@ -77,15 +77,52 @@ def test_seed_command_parses_token_for_token():
     assert script_args.reward_funcs == ["format", "accuracy"]
 
 
+# Seed flags that restate TRL 1.2.0's default: they change no field by themselves.
+SEED_FLAGS_AT_DEFAULT = {"gradient_checkpointing": True, "vllm_mode": "colocate"}
+
+
 def test_seed_flags_each_change_something():
-    """Every seed flag is consumed by a dataclass field that differs from its default (no flag is silently ignored)."""
-    _, t0, m0 = parse_args(BASE)
-    s, t, m = parse_args(SEED_SCRIPT_ARGV)
-    assert t.learning_rate != t0.learning_rate
-    assert t.gradient_checkpointing != t0.gradient_checkpointing or t0.gradient_checkpointing is True
-    assert (m.dtype, t.max_completion_length, t.use_vllm, m.use_peft, t.log_completions, t.logging_steps) != (
-        m0.dtype, t0.max_completion_length, t0.use_vllm, m0.use_peft, t0.log_completions, t0.logging_steps
-    )
+    """Every seed flag is consumed by a dataclass field and, but for the ones restating TRL's defaults
+    (SEED_FLAGS_AT_DEFAULT), moves it off its default: no flag is silently ignored."""
+    defaults, seed = parse_args(BASE), parse_args(SEED_SCRIPT_ARGV)
+    flags = [token[2:] for token in SEED_SCRIPT_ARGV if token.startswith("--")]
+    for flag in flags:
+        owners = [i for i, args in enumerate(seed) if hasattr(args, flag)]
+        assert owners, f"--{flag} is no field of the script's argument classes"
+        before, after = getattr(defaults[owners[0]], flag), getattr(seed[owners[0]], flag)
+        if flag in SEED_FLAGS_AT_DEFAULT:
+            assert before == after == SEED_FLAGS_AT_DEFAULT[flag], f"TRL's default for --{flag} changed: {before}"
+        elif flag not in ("model_name_or_path", "output_dir"):  # BASE sets those two too
+            assert after != before, f"--{flag} left {before!r} unchanged"
+
+
+def test_seed_checkpointing_gets_the_zero3_mode():
+    """What the script adds to the seed's --gradient_checkpointing under ZeRO-3: non-reentrant checkpointing without
+    torch's metadata check (zero3.py, KNOWN_ISSUES M1); with checkpointing off it sets no kwargs."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from zero3 import configure_zero3
+
+    for argv, expected in (
+        (SEED_SCRIPT_ARGV, {"use_reentrant": False, "determinism_check": "none"}),
+        ([*SEED_SCRIPT_ARGV, "--gradient_checkpointing", "false"], None),
+    ):
+        _, training_args, _ = parse_args(argv)
+        assert training_args.gradient_checkpointing_kwargs is None
+        training_args.deepspeed_plugin = DeepSpeedPlugin(zero_stage=3)
+        # on_gpu with no zero_optimization overrides: configure_zero3 returns before it registers the plugin as the
+        # process-wide DeepSpeed config, which would make later tests load models under zero.Init
+        configure_zero3(training_args, on_gpu=True)
+        assert training_args.gradient_checkpointing_kwargs == expected
+
+
+def test_missing_reward_dependency_is_refused_before_loading(monkeypatch):
+    """The default rewards include accuracy: without math-verify the run stops at validation, not hours in with every
+    LaTeX answer scored 0."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # what `import math_verify` meets without the package
+    script_args, training_args, model_args = parse_args(BASE)
+    with pytest.raises(ConfigError, match="accuracy needs math_verify"):
+        validate_args(script_args, training_args, model_args)
 
 
 def test_unknown_flag_is_refused():
@@ -379,3 +416,31 @@ def test_tiny_model_never_generates_image_pad_with_the_ban(tiny_model, processor
     assert image_pad not in banned
     vision_ids = {processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
     assert not vision_ids & set(banned)
+
+
+def test_lora_on_a_tied_output_head_is_refused_with_vllm(tiny_model, tmp_path):
+    """The tiny model ties lm_head to the embeddings, as Qwen2.5-VL-3B does: with vLLM rollouts an adapted head
+    would also replace vLLM's input embeddings (measured: the policies drifted apart, the reward collapsed)."""
+    from grpo_vlm import check_vllm_lora_targets
+
+    args = [*BASE, "--model_name_or_path", str(tiny_model), "--use_peft", "--use_vllm"]
+    _, training_args, model_args = parse_args([*args, "--lora_target_modules", "q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match=r"lm_head with --use_vllm: this model ties lm_head to its input embeddings"):
+        check_vllm_lora_targets(training_args, model_args)
+    for ok in (["q_proj", "v_proj"], ["all-linear"]):  # the seed's targets; PEFT's all-linear leaves lm_head alone
+        _, training_args, model_args = parse_args([*args, "--lora_target_modules", *ok])
+        check_vllm_lora_targets(training_args, model_args)
+    _, training_args, model_args = parse_args([*BASE, "--model_name_or_path", str(tiny_model), "--use_peft",
+                                               "--lora_target_modules", "q_proj", "lm_head"])
+    check_vllm_lora_targets(training_args, model_args)  # transformers generation scores and samples the same model
+
+
+def test_lora_on_an_untied_output_head_is_fine_with_vllm(tmp_path):
+    import make_tiny_model
+
+    from grpo_vlm import check_vllm_lora_targets
+
+    model = make_tiny_model.build(tmp_path / "untied", preset="tiny-untied")
+    _, training_args, model_args = parse_args([*BASE, "--model_name_or_path", str(model), "--use_peft", "--use_vllm",
+                                               "--lora_target_modules", "q_proj", "lm_head"])
+    check_vllm_lora_targets(training_args, model_args)

@@ -21,20 +21,11 @@ def test_forward_flops_match_torch_flop_counter(tiny_model, processor):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from data import make_prompt
-
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
-    images = [Image.new("RGB", (448, 448), "red"), Image.new("RGB", (448, 448), "blue")]
-    messages = make_prompt("How many?")
-    messages[1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    batch = processor(text=[text, text], images=images, return_tensors="pt", padding=True)
     completion_len = 40
-    digits = processor.tokenizer("0 1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"]  # no image tokens
-    completion = torch.tensor([(digits * completion_len)[:completion_len]] * 2)
-    input_ids = torch.cat([batch["input_ids"], completion], dim=1)
-    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+    batch = _two_image_batch(processor, completion_len)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     B, T = input_ids.shape
 
     with torch.no_grad(), FlopCounterMode(display=False) as vision_counter:
@@ -53,16 +44,70 @@ def test_forward_flops_match_torch_flop_counter(tiny_model, processor):
     assert formula["recompute"] == 0 and formula["vision"] > 0
 
 
-def test_backward_and_recompute_terms():
-    a = {"d": 64, "ff": 128, "L": 2, "kv": 32, "V": 1000, "vd": 32, "vff": 64, "vdepth": 2, "vfull": 1, "vout": 64,
-         "patch_in": 1176, "merge": 4, "window": 64}
-    f = bench.train_flops(a, B=2, T=100, Tc=50, image_patches=[], lora_r=0, checkpointing=True)
-    g = bench.train_flops(a, B=2, T=100, Tc=50, image_patches=[], lora_r=0, checkpointing=False)
-    head = 2 * 2 * 51 * 64 * 1000
-    decoder_fwd = f["fwd"] - head
-    assert f["recompute"] == decoder_fwd and g["recompute"] == 0
-    attention = 2 * 2 * 100 * 100 * 64 * 2
-    assert f["bwd"] == pytest.approx(decoder_fwd + attention + head)  # input gradients only, attention twice
+def _two_image_batch(processor, completion_len: int):
+    """Two prompts with a 448 px image each, followed by a completion of digit tokens (no image tokens)."""
+    from data import make_prompt
+
+    images = [Image.new("RGB", (448, 448), "red"), Image.new("RGB", (448, 448), "blue")]
+    messages = make_prompt("How many?")
+    messages[1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch = processor(text=[text, text], images=images, return_tensors="pt", padding=True)
+    digits = processor.tokenizer("0 1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"]
+    completion = torch.tensor([(digits * completion_len)[:completion_len]] * 2)
+    batch["input_ids"] = torch.cat([batch["input_ids"], completion], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+    return batch
+
+
+def test_backward_and_recompute_flops_match_torch_flop_counter(tiny_model, processor):
+    """bench.train_flops' backward and recompute terms against torch.utils.flop_counter on a real backward pass of the
+    training setup: frozen tiny model with LoRA on q_proj/v_proj, input embeddings' output requiring grad (what TRL
+    does for PEFT + checkpointing), loss over the completion positions' logits, with and without non-reentrant
+    gradient checkpointing. The counter sees the full T x T attention matrices; the formula counts the causal half,
+    so the counter's forward exceeds it by `causal_half` (plus the rotary embeddings' tiny matmuls), its backward
+    (2 matmuls per attention matmul) by 2 x `causal_half`, and the recomputation (the decoder layers again) by
+    `causal_half`."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    lora_r, completion_len = 8, 40
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                               attn_implementation="eager")
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"]))
+    model.enable_input_require_grads()
+    model.train()
+    batch = _two_image_batch(processor, completion_len)
+    B, T = batch["input_ids"].shape
+
+    def count(checkpointing: bool) -> tuple[int, int]:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        with FlopCounterMode(display=False) as forward:
+            logits = model(**batch, logits_to_keep=completion_len + 1).logits
+        with FlopCounterMode(display=False) as backward:
+            logits.sum().backward()
+        model.zero_grad(set_to_none=True)
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    fwd_counted, bwd_counted = count(checkpointing=False)
+    fwd_counted_ckpt, bwd_counted_ckpt = count(checkpointing=True)
+
+    arch = bench.load_arch(tiny_model)
+    patches = [int(g.prod()) for g in batch["image_grid_thw"]]
+    formula = bench.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=True)
+    causal_half = 2 * B * T * T * arch["d"] * arch["L"]
+    assert fwd_counted_ckpt == fwd_counted
+    assert formula["fwd"] + causal_half == pytest.approx(fwd_counted, rel=1e-3)
+    assert formula["bwd"] + 2 * causal_half == pytest.approx(bwd_counted, rel=1e-9)
+    assert formula["recompute"] + causal_half == pytest.approx(bwd_counted_ckpt - bwd_counted, rel=1e-9)
+    assert formula["recompute"] > 0
+    no_ckpt = bench.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=False)
+    assert no_ckpt["recompute"] == 0 and no_ckpt["bwd"] == formula["bwd"]
 
 
 def test_parallel_gpu_split():

@@ -357,7 +357,10 @@ def test_eval_split_is_deterministic_and_disjoint():
     ds = datasets.Dataset.from_dict({"problem": [f"q{i}" for i in range(50)]})
     train, held = split_train_eval(ds, 0.2, seed=7)
     train2, held2 = split_train_eval(ds, 0.2, seed=7)
-    assert len(held) == 10 and len(train) == 40
+    # Written down once (datasets 4.x's train_test_split): evaluation rebuilds a run's held-out rows from its seed, so a
+    # change of library or code that moves the split would score training rows. Then this list changes: find out why.
+    assert held["problem"] == ["q10", "q45", "q24", "q46", "q20", "q12", "q37", "q0", "q28", "q6"]
+    assert len(train) == 40
     assert held["problem"] == held2["problem"] and train["problem"] == train2["problem"]
     assert not set(train["problem"]) & set(held["problem"])
     assert set(train["problem"]) | set(held["problem"]) == set(ds["problem"])

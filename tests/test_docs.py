@@ -23,8 +23,6 @@ MAKEFILE = REPO / "Makefile"
 EXECUTED = re.compile(r"^(flexai-.*|docker-build|local-smoke|help|info)$")
 # resolved with `make -n` only: they install, train or need scripts other issues provide
 DRY_RUN = {"venv", "smoke", "test", "merge", "eval", "plot", "infer", "learning-demo"}
-# links to files that parallel work adds; drop an entry once the file is in the repository
-PENDING_LINKS = {"BENCHMARKS.md"}
 
 
 def guide_commands() -> list[list[str]]:
@@ -124,11 +122,12 @@ def test_every_seed_script_argument_is_explained():
         assert f"| `{flag}` |" in table, f"{flag} missing from the Key arguments table"
 
 
-def test_relative_links_resolve():
-    text = GUIDE.read_text()
-    links = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", text)
-    missing = {link for link in links if not (GUIDE.parent / link).exists()}
-    assert missing <= PENDING_LINKS, missing - PENDING_LINKS
+@pytest.mark.parametrize("doc", [GUIDE, REPO / "README.md", REPO / "experiments" / "vlm-grpo" / "BENCHMARKS.md"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(doc):
+    links = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", doc.read_text())
+    missing = {link for link in links if not (doc.parent / link).exists()}
+    assert not missing, f"{doc.name} links to files that do not exist: {sorted(missing)}"
 
 
 def test_internal_anchors_resolve():

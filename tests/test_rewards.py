@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -197,15 +198,19 @@ def test_unclosed_tags_fall_back_to_the_last_number():
     assert format_reward([chat("<think>unclosed <answer>3")]) == [0.0]
 
 
-def test_accuracy_never_raises_outside_the_main_thread():
-    """math-verify's timeout uses SIGALRM, which raises in worker threads: the reward must swallow it."""
+def test_accuracy_grades_latex_outside_the_main_thread():
+    """math-verify's timeout is a SIGALRM, which raises ValueError in a worker thread; that error used to be swallowed
+    into a 0.0 for every LaTeX answer. A right LaTeX answer must score 1.0 and a wrong one 0.0 in a thread too."""
     import threading
 
     result = {}
 
     def score():
         try:
-            result["scores"] = accuracy_reward([chat("<think>x</think><answer>\\frac{1}{2}</answer>")], [gold("0.5")])
+            result["scores"] = accuracy_reward(
+                [chat("<think>x</think><answer>\\frac{1}{2}</answer>"), chat("<think>x</think><answer>\\frac{1}{3}</answer>")],
+                [gold("0.5")] * 2,
+            )
         except Exception as err:  # noqa: BLE001 - the assertion below reports it
             result["error"] = err
 
@@ -213,7 +218,85 @@ def test_accuracy_never_raises_outside_the_main_thread():
     worker.start()
     worker.join()
     assert "error" not in result, result.get("error")
-    assert len(result["scores"]) == 1
+    assert result["scores"] == [1.0, 0.0]
+
+
+# Comparing (x+1)^2000 with (x+2)^2000 makes sympy expand both: over a minute (measured: ~1.2 s for the power 300),
+# so with a 1 s limit math-verify times out on it on any machine.
+SLOW_TO_VERIFY = "(x+2)^{2000}", "(x+1)^{2000}"
+
+
+def test_accuracy_timeout_is_logged_and_counted(monkeypatch, caplog):
+    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT_S", 1)
+    before = rewards.ACCURACY_EVENTS["timeout"]
+    metrics = []
+    prediction, answer = SLOW_TO_VERIFY
+    completions = [chat(f"<think>x</think><answer>{prediction}</answer>"), chat("<think>x</think><answer>3</answer>")]
+    with caplog.at_level("WARNING", logger="rewards"):
+        scores = accuracy_reward(completions, [gold(answer), gold("3")], log_metric=lambda *m: metrics.append(m))
+    assert scores == [0.0, 1.0]
+    assert rewards.ACCURACY_EVENTS["timeout"] == before + 1
+    assert metrics == [("accuracy/timeouts", 1.0)], "GRPOTrainer's log_metric gets the batch's count"
+    assert "timed out on 1 of 2 answers" in caplog.text
+
+
+def test_accuracy_reports_zero_timeouts_to_the_trainer():
+    metrics = []
+    accuracy_reward([chat("<think>x</think><answer>3</answer>")], [gold("3")], log_metric=lambda *m: metrics.append(m))
+    assert metrics == [("accuracy/timeouts", 0.0)]
+
+
+def test_missing_math_verify_is_an_error_not_a_zero(monkeypatch):
+    # None in sys.modules makes `import math_verify` raise ImportError, as on a machine without the package.
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError, match="math-verify"):
+        accuracy_reward([chat("<think>x</think><answer>\\frac{1}{2}</answer>")], [gold("0.5")])
+    # refused when the rewards are picked, before any model loads
+    with pytest.raises(ValueError, match="accuracy needs math_verify"):
+        get_reward_funcs(["format", "accuracy"])
+    assert get_reward_funcs(["format"]) == [format_reward]
+
+
+# Gold answers in the dataset's `solution` form, each with every form of the right answer the reward accepts and
+# wrong answers that look close.
+REAL_SHAPED_ROWS = [
+    {
+        "solution": "<think>The table lists 4071 visitors on Monday.</think>\n\n<answer>4071</answer>",
+        "right": ["4071", " 4071 ", "$4071$", "\\boxed{4071}", "4,071", "4071.0", "4071."],
+        "right_untagged": ["The answer is \\boxed{4071}.", "So Monday had 4071"],
+        "wrong": ["4070", "407", "40710", "4,07,1"],
+    },
+    {
+        "solution": "<think>Half of the circles are red: 3 of 6.</think>\n\n<answer>\\frac{1}{2}</answer>",
+        "right": ["\\frac{1}{2}", "0.5", "$\\frac{1}{2}$", "\\boxed{\\frac{1}{2}}", "1/2", "\\dfrac{1}{2}"],
+        "right_untagged": ["so \\boxed{0.5}"],
+        "wrong": ["\\frac{1}{3}", "0.25", "2", "\\frac{2}{1}"],
+    },
+    {
+        "solution": "<think>The diagonal of the unit square, by Pythagoras.</think>\n\n<answer>\\sqrt{2}</answer>",
+        "right": ["\\sqrt{2}", "$\\sqrt{2}$", "\\boxed{\\sqrt{2}}", "2^{1/2}", "\\frac{2}{\\sqrt{2}}"],
+        "right_untagged": ["the diagonal is \\boxed{\\sqrt{2}}"],
+        "wrong": ["\\sqrt{3}", "2", "1.41", "\\frac{1}{\\sqrt{2}}"],
+    },
+    {
+        "solution": "<think>Option B is the only triangle.</think>\n\n<answer>B</answer>",
+        "right": ["B", "b", " B ", "\\text{B}", "B.", "$B$", "\\boxed{B}"],
+        "right_untagged": ["\\boxed{B}"],
+        "wrong": ["A", "C", "BB", "D"],
+    },
+]
+
+
+@pytest.mark.parametrize("row", REAL_SHAPED_ROWS, ids=lambda r: r["solution"].split("<answer>")[1][:-9])
+def test_accuracy_on_real_shaped_rows_every_accepted_form(row):
+    tagged = [f"<think>I read the image.</think>\n<answer>{a}</answer>" for a in row["right"]]
+    completions = [chat(c) for c in tagged + row["right_untagged"]]
+    assert accuracy_reward(completions, [row["solution"]] * len(completions)) == [1.0] * len(completions)
+    wrong = [chat(f"<think>I read the image.</think>\n<answer>{a}</answer>") for a in row["wrong"]]
+    # the right answer in the reasoning does not count when the <answer> block says otherwise
+    right_in_think = chat(f"<think>maybe {row['right'][0]}</think><answer>{row['wrong'][0]}</answer>")
+    wrong.append(right_in_think)
+    assert accuracy_reward(wrong, [row["solution"]] * len(wrong)) == [0.0] * len(wrong)
 
 
 def test_the_last_answer_block_is_graded():

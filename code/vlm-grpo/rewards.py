@@ -2,7 +2,9 @@
 
 Each reward is a pure function with TRL's reward signature, `f(completions, **columns) -> list[float]`: one score per
 completion, the dataset's columns (here `solution`) passed as keyword lists. They never raise on malformed
-completions: a reward that crashes kills a multi-GPU job hours in, so every parse failure scores 0.
+completions: a reward that crashes kills a multi-GPU job hours in, so every parse failure scores 0. What is not the
+completion's fault is not a silent 0: a missing math-verify is an error (at `get_reward_funcs`, before any weights
+load), and a math-verify timeout is logged, counted in `ACCURACY_EVENTS` and reported to TRL's `log_metric`.
 
 Pick them by name: `--reward_funcs format accuracy` (the default). The system prompt below asks for exactly the
 format `format_reward` checks and the answer forms `accuracy_reward` reads.
@@ -10,8 +12,14 @@ format `format_reward` checks and the answer forms `accuracy_reward` reads.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import re
+import threading
+from collections import Counter
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
@@ -96,21 +104,80 @@ def _as_number(answer: str) -> float | None:
         return None
 
 
+# Seconds math-verify may spend parsing or comparing one answer (its own default); it enforces them with SIGALRM.
+MATH_VERIFY_TIMEOUT_S = 5
+# Answers the accuracy reward could not grade, since the process started: {"timeout": n}. A timeout scores 0.0 like a
+# wrong answer, so the count is the only trace of how many "wrong" answers were never checked.
+ACCURACY_EVENTS: Counter = Counter()
+_THREAD_WARNING_SHOWN = False
+
+
+class MathVerifyTimeout(Exception):
+    """math-verify ran out of time on an answer."""
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError as err:  # a missing requirement must not grade every LaTeX answer 0 for a whole run
+        raise ImportError(
+            "the accuracy reward needs math-verify (pinned in code/vlm-grpo/requirements.txt): "
+            "pip install -r code/vlm-grpo/requirements.txt"
+        ) from err
+    return math_verify
+
+
+def _timeout_here() -> int | None:
+    """math-verify's timeout is a SIGALRM, which only the main thread may set: anywhere else it raises ValueError,
+    which used to turn every LaTeX comparison into 0. Off the main thread, compare without a time limit."""
+    global _THREAD_WARNING_SHOWN
+    if threading.current_thread() is threading.main_thread():
+        return MATH_VERIFY_TIMEOUT_S
+    if not _THREAD_WARNING_SHOWN:
+        logger.warning("accuracy reward called outside the main thread: math-verify runs without its timeout")
+        _THREAD_WARNING_SHOWN = True
+    return None
+
+
+def _latex_equal(prediction: str, gold: str) -> bool:
+    """math-verify's verdict; raises MathVerifyTimeout when it ran out of time. Malformed LaTeX (a model's
+    unbalanced braces, say) cannot be verified and is False."""
+    mv = _math_verify()
+    from math_verify.errors import TimeoutException  # a BaseException: no `except Exception` catches it
+
+    timeout = _timeout_here()
+
+    def parse(text: str) -> list:
+        for candidate in (f"${text}$", text):
+            try:
+                parsed = mv.parse(candidate, parsing_timeout=timeout, raise_on_error=True)
+            except Exception:  # noqa: BLE001 - math-verify raises on some malformed LaTeX
+                parsed = []
+            if parsed:
+                return parsed
+        return []
+
+    try:
+        gold_parsed, pred_parsed = parse(gold), parse(prediction)
+        if not (gold_parsed and pred_parsed):
+            return False
+        try:
+            return bool(mv.verify(gold_parsed, pred_parsed, timeout_seconds=timeout, raise_on_error=True))
+        except Exception:  # noqa: BLE001 - e.g. sympy failing on an exotic expression: not verified equal
+            return False
+    except TimeoutException as err:
+        raise MathVerifyTimeout(f"math-verify timed out comparing {prediction[:80]!r} with {gold[:80]!r}") from err
+
+
 def answers_match(prediction: str, gold: str) -> bool:
-    """Numbers compare numerically, LaTeX through math-verify, anything else as normalized text."""
+    """Numbers compare numerically, LaTeX through math-verify, anything else as normalized text. Raises
+    MathVerifyTimeout when math-verify runs out of time, ImportError without math-verify."""
     if _normalize(prediction) == _normalize(gold):
         return True
     pred_num, gold_num = _as_number(prediction), _as_number(gold)
     if pred_num is not None and gold_num is not None:
         return abs(pred_num - gold_num) <= 1e-6 * max(1.0, abs(gold_num))
-    try:
-        from math_verify import parse, verify
-
-        gold_parsed = parse(f"${gold}$") or parse(gold)
-        pred_parsed = parse(f"${prediction}$") or parse(prediction)
-        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed))
-    except Exception:  # math-verify raises on some malformed LaTeX: never let a reward crash the run
-        return False
+    return _latex_equal(prediction, gold)
 
 
 # ---- rewards ------------------------------------------------------------------------------------------------
@@ -121,12 +188,31 @@ def format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if _FORMAT_RE.match(completion_text(c)) else 0.0 for c in completions]
 
 
-def accuracy_reward(completions, solution, **kwargs) -> list[float]:
-    """1.0 when the completion's answer equals the gold answer in the dataset's `solution` column, else 0.0."""
-    rewards = []
+def accuracy_reward(completions, solution, log_metric=None, **kwargs) -> list[float]:
+    """1.0 when the completion's answer equals the gold answer in the dataset's `solution` column, else 0.0.
+
+    An answer math-verify timed out on scores 0.0 and is counted: a warning per batch, ACCURACY_EVENTS["timeout"],
+    and TRL's `log_metric` (passed by GRPOTrainer) as `accuracy/timeouts`, the batch's count."""
+    rewards, timeouts = [], 0
     for completion, sol in zip(completions, solution, strict=True):
         prediction = extract_prediction(completion_text(completion))
-        rewards.append(1.0 if prediction is not None and answers_match(prediction, extract_gold(sol)) else 0.0)
+        try:
+            right = prediction is not None and answers_match(prediction, extract_gold(sol))
+        except MathVerifyTimeout as err:
+            timeouts += 1
+            logger.debug("%s", err)
+            right = False
+        rewards.append(1.0 if right else 0.0)
+    if timeouts:
+        ACCURACY_EVENTS["timeout"] += timeouts
+        logger.warning(
+            "accuracy reward: math-verify timed out on %d of %d answers (scored 0.0; %d since start)",
+            timeouts, len(rewards), ACCURACY_EVENTS["timeout"],
+        )
+    if log_metric is not None:
+        # every batch, 0 included: TRL gathers each logged metric across processes by name, so a name logged on some
+        # ranks only would leave the others waiting in the gather
+        log_metric("accuracy/timeouts", float(timeouts))
     return rewards
 
 
@@ -159,9 +245,21 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
 }
 
 
+# Modules a reward imports when it runs, by reward name.
+REWARD_REQUIREMENTS = {"accuracy": ("math_verify",)}
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
     """Reward functions by registry name, with an error that lists the valid names."""
     unknown = [n for n in names if n not in REWARD_FUNCS]
     if unknown:
         raise ValueError(f"unknown reward function(s) {unknown}: choose from {sorted(REWARD_FUNCS)} (--reward_funcs)")
+    missing = [f"{n} needs {m}" for n in names for m in REWARD_REQUIREMENTS.get(n, ()) if not _importable(m)]
+    if missing:  # here, before the model loads, rather than at the first reward hours later
+        raise ValueError(f"reward function requirements missing: {', '.join(missing)}; "
+                         "pip install -r code/vlm-grpo/requirements.txt")
     return [REWARD_FUNCS[n] for n in names]
