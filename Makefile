@@ -16,8 +16,8 @@ SMOKE_DIR ?= outputs/smoke
 SMOKE_STEPS ?= 4
 ## SMOKE_VLLM: 1: smoke generates with vLLM colocate, the seed's path (CPU build of vLLM); 0: with transformers
 SMOKE_VLLM ?= 1
-## WHEEL_DIR: cache of the vLLM 0.11.0 CPU wheel that set-up builds from PyPI's sdist (a second set-up reuses it)
-WHEEL_DIR ?= .whl
+## WHEEL_DIR: cache of the vLLM 0.11.0 CPU wheel set-up builds from PyPI's sdist (reused; .whl/ is the device's wheels)
+WHEEL_DIR ?= .cache/wheels
 ## SMOKE_ARGS: extra grpo_vlm.py flags for the smoke run, e.g. SMOKE_ARGS="--reward_funcs digit_ratio"
 SMOKE_ARGS ?=
 ## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
@@ -64,8 +64,8 @@ PLOT_ARGS ?=
 INFER_ARGS ?=
 ## DEMO_DIR: where `make learning-demo` writes its tiny model, run and evaluation
 DEMO_DIR ?= outputs/learning-demo
-## DEMO_FIGURE: the training-curves PNG `make learning-demo` writes (the one the experiment guide shows)
-DEMO_FIGURE ?= experiments/vlm-grpo/figures/learning_demo.png
+## DEMO_FIGURE: the training-curves PNG `make learning-demo` writes; DEMO_FIGURE=experiments/vlm-grpo/figures/learning_demo.png updates the guide's figure
+DEMO_FIGURE ?= $(DEMO_DIR)/learning_demo.png
 
 # ---- local Docker image (docker/Dockerfile) -----------------------------------------------------------
 ## DOCKER: container engine CLI
@@ -102,7 +102,8 @@ q = $(if $(and $(filter 1,$(words $1)),$(if $(call strip_chars,$1,$(SAFE_CHARS))
 # before any recipe line runs: make expands a target's whole recipe first.
 require-flexai = $(if $(shell command -v $(FLEXAI) 2>/dev/null),,$(error `$(FLEXAI)` CLI not found on PATH: install it (https://docs.flex.ai/cli/), run `flexai auth login`, or set FLEXAI=/path/to/flexai))
 require-ckpt = $(if $(strip $(CKPT)),,$(error CKPT is not set: list checkpoints with `make flexai-checkpoints`, then run `make $@ CKPT=<checkpoint-id>`))
-require-docker = $(if $(shell command -v $(DOCKER) 2>/dev/null),,$(error `$(DOCKER)` not found on PATH: install Docker (https://docs.docker.com/engine/install/) or set DOCKER=podman))
+# docker: the CLI on PATH, then its daemon reachable (`docker info`), else docker's own multi-line noise at build time
+require-docker = $(if $(shell command -v $(DOCKER) 2>/dev/null),$(if $(shell $(DOCKER) info >/dev/null 2>&1 && echo up),,$(error `$(DOCKER) info` fails: the $(DOCKER) CLI is installed but cannot reach its engine; start it (`sudo systemctl start docker`, or Docker Desktop), check that your user may use it (the docker group), or set DOCKER=podman)),$(error `$(DOCKER)` not found on PATH: $(if $(filter docker,$(notdir $(DOCKER))),install Docker (https://docs.docker.com/engine/install/) or set DOCKER=podman,install it or set DOCKER to an engine CLI that is installed (docker is the default))))
 require-counts = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ && "$(ACCELS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES and ACCELS must be positive integers (got NODES=$(NODES) ACCELS=$(ACCELS))))$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): multi-node is not wired up (accelerate needs every node's --machine_rank and --main_process_ip, which FlexAI does not document for an `accelerate launch` entry point); use NODES=1 with up to 8 ACCELS, see experiments/vlm-grpo/README.md#multi-node))
 
 # `flexai training run` flags shared by flexai-train and flexai-resume, in the seed's order
@@ -204,7 +205,7 @@ plot: $(STAMP) ## PNG of a run's rewards, accuracy, format, length, clip ratio, 
 infer: $(STAMP) ## answer one question about one image with a (merged) model (scripts/infer.py INFER_ARGS)
 	$(VPY) scripts/infer.py $(INFER_ARGS)
 
-learning-demo: $(STAMP) ## offline proof that GRPO helps: tiny model, synthetic task, CPU; writes DEMO_FIGURE
+learning-demo: $(STAMP) ## offline proof that GRPO helps: tiny model, synthetic task, CPU; writes DEMO_FIGURE (under outputs/)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) scripts/learning_demo.py --out_dir $(call q,$(DEMO_DIR)) --figure $(call q,$(DEMO_FIGURE))
 
 bench: ## GPU benchmark: seed vs tuned GRPO steps on the 3B architecture (experiments/vlm-grpo/BENCHMARKS.md)

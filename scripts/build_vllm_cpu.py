@@ -16,7 +16,7 @@ way (facts in the team's shared/vllm-cpu.md):
 - numa.h (Debian's libnuma-dev) for csrc/cpu/utils.cpp: installed with apt-get where we are root, else one line
   says which package to install.
 
-    python scripts/build_vllm_cpu.py --wheel-dir .whl            # prints the wheel's path; a cached wheel is reused
+    python scripts/build_vllm_cpu.py --wheel-dir .cache/wheels   # prints the wheel's path; a cached wheel is reused
     python scripts/build_vllm_cpu.py --install REQUIREMENTS...   # also installs it (what `make vllm-cpu` runs)
 
 `--install` puts the wheel into the interpreter's environment with `--no-deps` (its metadata asks for torch 2.8.0+cpu
@@ -203,7 +203,7 @@ def build(python: str, wheel_dir: Path, work: Path, jobs: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wheel-dir", type=Path, default=Path(".whl"), help="cache folder of the built wheel")
+    parser.add_argument("--wheel-dir", type=Path, default=Path(".cache/wheels"), help="cache folder of the built wheel")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/vllm-cpu-build"), help="sdist and build tree")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose torch the wheel is built for")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")

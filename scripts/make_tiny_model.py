@@ -127,6 +127,11 @@ PRESETS = {
         vocab_size=151936,  # the checkpoint's embedding rows: the tokenizer's 151,657 padded up, as in config.json
     ),
 }
+# The tiny model with its own output head: learning_demo.py --vllm adapts lm_head, which vLLM can only serve for a
+# model that does not tie it to the input embeddings (grpo_vlm.check_vllm_lora_targets says why).
+PRESETS["tiny-untied"] = {
+    **PRESETS["tiny"], "text": {**PRESETS["tiny"]["text"], "tie_word_embeddings": False}
+}
 
 
 def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None):
@@ -234,7 +239,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str =
         setattr(config.text_config, key, getattr(config, key))
 
     torch.manual_seed(seed)
-    if preset == "tiny":
+    if preset.startswith("tiny"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
     else:
         model = fast_random_model(Qwen2_5_VLForConditionalGeneration, config, getattr(torch, dtype), device, seed)
@@ -247,8 +252,8 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str =
     )
     model.save_pretrained(out, safe_serialization=True)
 
-    # Small images keep CPU runs fast: at most 64 merged tokens (256 patches of 14x14) per image for `tiny`.
-    max_pixels = 256 * 28 * 28 if preset == "tiny" else 12845056
+    # Small images keep CPU runs fast: at most 256 merged tokens (one per 28x28 pixels) per image for the tiny presets.
+    max_pixels = 256 * 28 * 28 if preset.startswith("tiny") else 12845056
     image_processor = Qwen2VLImageProcessorFast(
         min_pixels=4 * 28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
 
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor, read_adapter_config  # noqa: E402
+from path_checks import PathError, check_model_path, check_output_dir  # noqa: E402
 
 logger = logging.getLogger("merge_lora")
 
@@ -108,9 +109,18 @@ def merge(args: MergeArguments) -> dict:
     base = args.model_name_or_path or recorded_base
     if not base:
         raise AdapterError(f"{adapter_dir} records no base model: pass --model_name_or_path")
+    try:
+        check_model_path(base)
+    except PathError as err:
+        if args.model_name_or_path:
+            raise
+        # training records the base as its job saw it: a relative path means nothing from another folder or machine
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} records the base model as {base!r}, which is no "
+                           "model folder here: pass --model_name_or_path <the base model's folder or Hub id>") from err
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output_dir {out} is not empty: pick another folder or pass --overwrite")
+    check_output_dir(args.output_dir)  # before the minutes of loading and merging, not after them
     logger.info("adapter %s on base %s", adapter_dir, base)
 
     model = load_base_model(base, dtype=args.merge_dtype, device=args.device)

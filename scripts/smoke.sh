@@ -64,7 +64,7 @@ set +e
     ${SMOKE_ARGS:-} >"$log" 2>&1 &
 pid=$!
 # Progress lines only; the whole log stays in $log.
-tail -n +1 --pid=$pid -f "$log" | grep --line-buffered -E "dataset:|plan:|generation:|train_runtime|saved:"
+tail -n +1 --pid=$pid -f "$log" | grep --line-buffered -E "dataset:|plan:|train_runtime"
 wait $pid
 status=$?
 set -e

@@ -33,7 +33,9 @@ def docs_infer_args() -> list[str]:
     from flexai_stub import block_commands, shell_blocks
 
     guide = (REPO / "experiments" / "vlm-grpo" / "README.md").read_text()
-    commands = [c for b in shell_blocks(guide) for c in block_commands(b) if c[:2] == ["make", "infer"]]
+    # the FlexAI form, in the merging section (the offline walkthrough's is run by tests/test_walkthrough.py)
+    section = guide.split("## Merging the adapter and inference", 1)[1].split("\n## ", 1)[0]
+    commands = [c for b in shell_blocks(section) for c in block_commands(b) if c[:2] == ["make", "infer"]]
     assert len(commands) == 1, commands
     (knob,) = [a for a in commands[0] if a.startswith("INFER_ARGS=")]
     return shlex.split(knob.split("=", 1)[1])

@@ -72,7 +72,7 @@ def test_training_through_vllm_raises_the_reward(vllm_demo):
     sampled completions would stay at its random-init level."""
     _, result = vllm_demo
     first, last = result["train_rewards_first5"], result["train_rewards_last5"]
-    assert last - first > 0.25, (first, last)  # measured: 0.04 -> 1.00
+    assert last - first > 0.25, (first, last)  # measured: 0.03 -> 1.00 (cpu-results/learning-demo-vllm.json)
 
 
 def test_vllm_evaluation_scores_the_trained_adapter_above_base(vllm_demo):
@@ -80,4 +80,4 @@ def test_vllm_evaluation_scores_the_trained_adapter_above_base(vllm_demo):
     report = json.loads((out / "eval" / "eval.json").read_text())
     assert report["generation"]["backend"] == "vllm" and report["questions"] == 12
     base, trained = result["heldout_digit_ratio"]["base"], result["heldout_digit_ratio"]["adapter"]
-    assert trained - base > 0.25, (base, trained)  # measured: 0.04 -> 1.00
+    assert trained - base > 0.25, (base, trained)  # measured: 0.04 -> 1.00 (same file)

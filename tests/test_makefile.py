@@ -8,6 +8,7 @@ passes through make. tests/flexai_stub.py holds the stand-ins.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -331,7 +332,24 @@ def test_missing_docker_is_one_line(tmp_path):
     else:
         path_tail = "/usr/bin:/bin"
     run = run_make(tmp_path, "docker-build", tools=(), path_tail=path_tail)
-    assert_one_line_error(run, "`docker` not found")
+    assert_one_line_error(run, "`docker` not found", "install Docker", "or set DOCKER=podman")
+
+
+def test_missing_podman_does_not_suggest_podman(tmp_path):
+    run = run_make(tmp_path, "docker-build", "DOCKER=podman-not-installed", tools=())
+    assert_one_line_error(run, "`podman-not-installed` not found on PATH", "set DOCKER to an engine CLI")
+    assert "DOCKER=podman" not in run.stderr
+
+
+def test_docker_without_a_daemon_is_one_line(tmp_path):
+    # a docker CLI whose daemon is down: `docker info` fails, as the real client's does without a daemon
+    bin_dir = tmp_path / "no-daemon-bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    run = run_make(tmp_path, "docker-build", tools=(), path_tail=f"{bin_dir}:/usr/bin:/bin")
+    assert_one_line_error(run, "`docker info` fails", "cannot reach its engine", "systemctl start docker")
+    assert "Cannot connect" not in run.stderr  # docker's own noise stays out
 
 
 # ---- set-up: the CPU build of vLLM ------------------------------------------------------------------------------
@@ -351,10 +369,27 @@ def test_set_up_builds_and_installs_vllm_for_cpu(tmp_path, target):
     assert len(build) == 1, out
     # the project's pins and vLLM's runtime pins in one resolver call: torch stays the pinned 2.8.0
     assert build[0].endswith("--install code/vlm-grpo/requirements-dev.txt code/vlm-grpo/requirements-vllm-cpu.txt")
-    assert "--wheel-dir .whl" in build[0]
+    assert "--wheel-dir .cache/wheels" in build[0]  # not .whl/: the device machine's wheels live there
     assert out.index("pip install -r code/vlm-grpo/requirements-dev.txt") < out.index("scripts/build_vllm_cpu.py")
 
 
 def test_smoke_without_vllm_skips_the_build(tmp_path):
     out = dry_make("smoke", "SMOKE_VLLM=0", f"VENV={tmp_path}/venv")
     assert "build_vllm_cpu.py" not in out and "SMOKE_VLLM=0" in out
+
+
+# ---- learning demo -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("knobs, figure", [
+    ((), "outputs/learning-demo/learning_demo.png"),
+    (("DEMO_DIR=/tmp/demo",), "/tmp/demo/learning_demo.png"),
+    # the committed figure of the guide changes only when someone names it
+    (("DEMO_FIGURE=experiments/vlm-grpo/figures/learning_demo.png",), "experiments/vlm-grpo/figures/learning_demo.png"),
+])
+def test_learning_demo_writes_its_figure_under_outputs_unless_told(tmp_path, knobs, figure):
+    run = run_make(tmp_path, "-n", "learning-demo", *knobs)
+    assert run.returncode == 0, run.stderr
+    (line,) = [line for line in run.stdout.splitlines() if "scripts/learning_demo.py" in line]
+    argv = shlex.split(line)
+    assert argv[argv.index("--figure") + 1] == figure

@@ -13,6 +13,8 @@ import logging
 import re
 from pathlib import Path
 
+from path_checks import first_line
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -153,8 +155,8 @@ def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cp
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as err:
-        raise AdapterError(f"cannot load model {name_or_path!r}: {err}") from err
+    except OSError as err:  # transformers' message spans several lines: the scripts print one
+        raise AdapterError(f"cannot load model {name_or_path!r}: {first_line(err)}") from err
     arch = getattr(transformers, (config.architectures or ["AutoModelForImageTextToText"])[0])
     torch_dtype = config.torch_dtype if dtype == "auto" else getattr(torch, dtype)
     enable_batched_vision_attention()  # evaluation and inference get training's faster, equal vision attention
@@ -184,5 +186,5 @@ def load_processor(*candidates: str | Path):
         try:
             return AutoProcessor.from_pretrained(str(path), padding_side="left")
         except (OSError, ValueError) as err:
-            errors.append(f"{path}: {err}")
+            errors.append(f"{path}: {first_line(err)}")
     raise AdapterError("no processor found: " + " | ".join(errors))

@@ -37,8 +37,8 @@ def ban_tokens_in_logits(model, token_ids: list[int]):
     vLLM masks `bad_words` before it computes the log-probs it reports (TRL 1.2.0 asks for "processed_logprobs";
     vLLM 0.11.0 `v1/sample/sampler.py` applies bad words, then computes them), so its log-probs are those of the
     distribution renormalised over the allowed tokens. The trainer scored the unmasked distribution, so TRL's
-    importance-sampling ratio pi_trainer / pi_vllm was below 1 by the banned tokens' mass at every token (0.53 per
-    sequence on the tiny model) and reweighted every update. Masking the same tokens in the trainer's logits
+    importance-sampling ratio pi_trainer / pi_vllm was below 1 by the banned tokens' mass at every token (0.79 per
+    24-token sequence on the tiny model: experiments/vlm-grpo/cpu-results/) and reweighted every update. Masking the same tokens in the trainer's logits
     (a forward hook on the output head: training, old-policy and reference log-probs, and HF generation all go
     through it) makes both sides score the same policy: the one that can actually be sampled.
 

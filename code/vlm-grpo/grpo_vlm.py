@@ -49,6 +49,7 @@ from data import (  # noqa: E402
     survey_dataset,
 )
 from generation import vision_token_ban  # noqa: E402
+from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
 
@@ -112,7 +113,7 @@ class VLMGRPOScriptArguments(ScriptArguments):
         metadata={
             "help": "ZeRO-3: parameters with fewer elements than this stay whole on every GPU instead of being "
             "all-gathered at each use. Default: accelerate's 10 x hidden_size (20,480 for the 3B: norms and biases "
-            "only). 5000000 keeps the vision tower and the attention projections whole (1.4 GiB more per GPU, +2 % "
+            "only). 5000000 keeps the vision tower and the attention projections whole (1.4 GiB more per GPU, +2 %% "
             "training throughput, within run-to-run noise: experiments/vlm-grpo/BENCHMARKS.md)."
         },
     )
@@ -127,7 +128,7 @@ class VLMGRPOScriptArguments(ScriptArguments):
         default=True,
         metadata={
             "help": "Run the vision tower's window attention as one SDPA call per window size instead of one per "
-            "window (same result; transformers 4.57's per-window loop cost about 30 % of the training forward pass "
+            "window (same result; transformers 4.57's per-window loop cost about 30 %% of the training forward pass "
             "with 16 images per micro-batch, see vision_attention.py). --no_batched_vision_attention restores "
             "the upstream loop."
         },
@@ -203,6 +204,11 @@ class ConfigError(ValueError):
 
 def validate_args(script_args, training_args, model_args) -> None:
     """Refuse known-bad settings before any data or weights are loaded."""
+    try:
+        # a typo'd local folder would otherwise reach huggingface_hub as a Hub id: a traceback, not a message
+        check_model_path(model_args.model_name_or_path)
+    except PathError as err:
+        raise ConfigError(str(err)) from err
     try:
         get_reward_funcs(script_args.reward_funcs)
     except ValueError as err:  # unknown names: the message lists the valid ones; `error: ...`, not a traceback
@@ -285,6 +291,37 @@ def check_vllm_limits(training_args, model_args, longest_prompt: int | None) -> 
         "longest_prompt": longest_prompt,
         "gpu_memory_utilization": training_args.vllm_gpu_memory_utilization,
     }
+
+
+def check_vllm_lora_targets(training_args, model_args) -> None:
+    """Refuse LoRA on the output head or the embeddings of a model that ties them, with vLLM rollouts.
+
+    TRL 1.2.0 syncs the policy into vLLM by merging LoRA into the weights and loading them by name; a tied model's
+    `lm_head` *is* its `embed_tokens` (one tensor in transformers, one module in vLLM), so the merged head also
+    replaces vLLM's input embeddings, which the trainer keeps unmerged. The two policies drift apart as the adapter
+    grows: measured on the tiny model, the importance-sampling ratio went from ~1 to 0.01..9.6 after 20 steps and
+    the learned reward collapsed. Qwen2.5-VL-3B ties them; q_proj/v_proj (the seed's targets) are not affected."""
+    if not (training_args.use_vllm and model_args.use_peft and model_args.lora_target_modules):
+        return
+    targets = model_args.lora_target_modules
+    targets = [targets] if isinstance(targets, str) else targets
+    tied_modules = [t for t in targets if t in ("lm_head", "embed_tokens")]  # PEFT's all-linear skips lm_head
+    if not tied_modules:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    tied = getattr(config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = config.get_text_config().tie_word_embeddings
+    if tied:
+        raise ConfigError(
+            f"--lora_target_modules {' '.join(tied_modules)} with --use_vllm: this model ties lm_head to its input "
+            "embeddings, so vLLM would run the merged head as its embeddings too and sample from another policy than "
+            "the one trained. Drop lm_head/embed_tokens from the targets, or generate with transformers (no --use_vllm)."
+        )
 
 
 def _zero_stage() -> int | None:
@@ -473,9 +510,29 @@ def setup(script_args, training_args, model_args):
         },
     )
     enable_batched_vision_attention(script_args.batched_vision_attention)
-    processor = load_processor(model_args)
+    check_output_location(script_args, training_args)
+    try:
+        processor = load_processor(model_args)
+    except OSError as err:  # a Hub id that is not there (or not cached offline): transformers' message spans lines
+        raise ConfigError(str(model_load_error(model_args.model_name_or_path, err))) from err
     resolve_args(script_args, training_args, model_args, processor)
+    check_vllm_lora_targets(training_args, model_args)
     return processor
+
+
+def check_output_location(script_args, training_args) -> None:
+    """An unwritable --output_dir stops the run now, not at the first checkpoint save after hours of training.
+    A dry run only warns: it may check a FlexAI command (/output-checkpoint/...) on a laptop."""
+    if script_args.dry_run:
+        problem = output_dir_problem(training_args.output_dir)
+        if problem:
+            logger.warning("--output_dir %s cannot be written here (%s): fine only where the job runs (FlexAI "
+                           "mounts /output-checkpoint)", training_args.output_dir, problem)
+        return
+    try:
+        check_output_dir(training_args.output_dir)
+    except PathError as err:
+        raise ConfigError(str(err)) from err
 
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
@@ -521,7 +578,8 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
 def train(script_args, training_args, model_args, processor, callbacks=None):
     """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer."""
     train_dataset, _, _ = load_datasets(script_args, training_args, processor)
-    logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
+    if training_args.process_index == 0:  # one plan per run, not one per process
+        logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
     if training_args.resume_from_checkpoint:
         logger.info("resuming from %s", training_args.resume_from_checkpoint)
     trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None, callbacks)

@@ -12,16 +12,18 @@ from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding
 
 class VLMGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
-        args_ = kwargs.get("args")
-        if args_ is not None and args_.use_vllm and args_.vllm_mode == "colocate":
+        training_args = kwargs.get("args")
+        if training_args is not None and training_args.use_vllm and training_args.vllm_mode == "colocate":
             cpu_thread_binding_workaround()  # M9, before TRL builds the engine; a no-op on GPUs
         super().__init__(*args, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         # M10: the tokens vLLM (bad_words) and HF generation (suppress_tokens) can never sample are masked in the
-        # trainer's log-probs too, so sampling and scoring see the same policy.
-        self._banned_logits_hook = ban_tokens_in_logits(
-            self.model, vision_token_ban(tokenizer, use_vllm=False)["suppress_tokens"]
-        )
+        # trainer's log-probs too, so sampling and scoring see the same policy. A separate reference model (full
+        # fine-tuning with a KL term; with LoRA the reference is the policy with its adapter off) gets the same mask.
+        banned = vision_token_ban(tokenizer, use_vllm=False)["suppress_tokens"]
+        for model in (self.model, getattr(self.ref_model, "module", self.ref_model)):
+            if model is not None:
+                ban_tokens_in_logits(model, banned)
         if self.use_vllm:
             align_prompts_with_vllm(self.vllm_generation, tokenizer.convert_tokens_to_ids(IMAGE_PAD))  # M8
 

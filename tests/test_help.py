@@ -1,0 +1,26 @@
+"""Every script's `--help` works: the README and the unknown-flag error point users at it (argparse formats help text
+with %, so an unescaped percent sign in a help string crashes it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from _tiny import REPO
+
+SCRIPTS = ["code/vlm-grpo/grpo_vlm.py", *sorted(f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py"))]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage(script):
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_training_help_shows_percent_signs():
+    proc = subprocess.run([sys.executable, "code/vlm-grpo/grpo_vlm.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert "+2 % training throughput" in " ".join(proc.stdout.split())

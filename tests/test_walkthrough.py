@@ -1,0 +1,94 @@
+"""The guide's offline walkthrough (experiments/vlm-grpo/README.md, "Offline walkthrough"), run line by line as the
+page shows it: the `make` commands are read from the Markdown, so the page and this test cannot drift apart.
+
+Two substitutions keep it inside a temporary folder and a few CPU minutes: `outputs/smoke` becomes the test's folder,
+and `make smoke` (2 processes, vLLM, 4 steps of 1024-token completions) is replaced by grpo_vlm.py trained in one
+process for 2 steps of 16-token completions, with the page's own SMOKE_ARGS. Every later line runs through `make`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _tiny import REPO
+from flexai_stub import block_commands, shell_blocks
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+GUIDE = REPO / "experiments" / "vlm-grpo" / "README.md"
+HEADING = "### Offline walkthrough"
+VENV = Path(sys.executable).parent.parent  # the venv running the tests: the one `make` must use
+
+
+def walkthrough_commands() -> list[list[str]]:
+    section = GUIDE.read_text().split(HEADING, 1)[1]
+    section = section.split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return [c for block in shell_blocks(section) for c in block_commands(block)]
+
+
+def knob(argv: list[str], name: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+    return value
+
+
+def make(argv: list[str], smoke_dir: Path) -> subprocess.CompletedProcess:
+    """`make TARGET KNOB=...` as the page writes it, with outputs/smoke moved to `smoke_dir`. `-o` keeps make from
+    re-installing the venv (the test uses the venv it runs in, whatever the stamp's age)."""
+    args = [a.replace("outputs/smoke", str(smoke_dir)) for a in argv[1:]]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", f"VENV={VENV}", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_walkthrough_is_smoke_merge_eval_infer_plot():
+    assert [c[:2] for c in walkthrough_commands()] == [
+        ["make", "smoke"], ["make", "merge"], ["make", "eval"], ["make", "infer"], ["make", "plot"]]
+
+
+def test_the_walkthrough_runs_as_written(tmp_path, tiny_model):
+    smoke, merge, evaluate, infer, plot = walkthrough_commands()
+    smoke_dir = tmp_path / "smoke"
+    shutil.copytree(tiny_model, smoke_dir / "tiny-qwen2.5-vl")
+
+    # make smoke, shortened: smoke.sh's model, dataset and output dir, the page's SMOKE_ARGS
+    train = subprocess.run(
+        [sys.executable, "code/vlm-grpo/grpo_vlm.py", "--model_name_or_path", smoke_dir / "tiny-qwen2.5-vl",
+         "--dataset_name", "synthetic", "--output_dir", smoke_dir / "run", "--max_steps", "2",
+         "--max_completion_length", "16", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+         "--report_to", "none", *shlex.split(knob(smoke, "SMOKE_ARGS"))],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (smoke_dir / "run" / "adapter_model.safetensors").is_file()
+
+    for argv in (merge, merge):  # twice: the page says the walkthrough can be run again
+        proc = make(argv, smoke_dir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((smoke_dir / "merged" / "merge_info.json").read_text())
+    assert info["logits_relative_diff"] <= info["tolerance"]
+
+    proc = make(evaluate, smoke_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((smoke_dir / "eval" / "eval.json").read_text())
+    assert list(report["models"]) == ["base", "adapter", "merged"] and report["questions"] == 4
+    assert report["split"] == "held_out" and (smoke_dir / "eval" / "eval.md").is_file()
+
+    proc = make(infer, smoke_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1].startswith("answer: ")
+
+    proc = make(plot, smoke_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    png = Path(proc.stdout.splitlines()[-1])
+    assert png == smoke_dir / "run" / "checkpoint-2" / "training_curves.png"
+    panels = Image.open(png).text["Description"].split("; ")
+    # trainer_state.json sorts its keys: the reward panels come in alphabetical order
+    assert panels[:3] == ["Total reward", "Reward: accuracy", "Reward: format"] and "Entropy" in panels
