@@ -5,8 +5,8 @@ Every reward function of training (code/vlm-grpo/rewards.py, imported, not re-im
 completions, plus `accuracy` (answer correct) and `format_rate` (exact `<think>…</think><answer>…</answer>`).
 Results go to `--output_dir` as eval.json (numbers), eval.md (a table) and completions-<model>.jsonl.
 
-After a FlexAI job, with the fetched checkpoint (the held-out split is rebuilt from the training run's dataset
-arguments and seed, which must therefore be the same as the job's: the defaults are the training defaults):
+After a FlexAI job, with the fetched checkpoint (the held-out rows are those the run recorded in its split.json;
+a run without one gets the split rebuilt from the dataset arguments and seed given here, the training defaults):
 
     python scripts/evaluate.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --adapter <fetched-folder> \\
         --output_dir outputs/eval
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor  # noqa: E402
 from data import IMAGE_POLICIES, DatasetError  # noqa: E402
 from generation import GenerationSettings, hf_generate, vllm_available, vllm_generate  # noqa: E402
-from grpo_vlm import VLMGRPOScriptArguments, load_datasets  # noqa: E402
+from grpo_vlm import SOURCE_INDEX, SPLIT_RECORD, VLMGRPOScriptArguments, load_datasets  # noqa: E402
 from path_checks import check_model_path, check_output_dir  # noqa: E402
 from rewards import ACCURACY_EVENTS, REWARD_FUNCS  # noqa: E402
 
@@ -120,9 +120,9 @@ class EvalArguments:
 # ---- data -----------------------------------------------------------------------------------------------------
 
 
-def load_eval_rows(args: EvalArguments, processor):
-    """The rows to score: grpo_vlm.py's own loading, filtering and split, with the training run's arguments."""
-    script_args = replace(
+def data_arguments(args: EvalArguments, eval_fraction: float):
+    """grpo_vlm.py's data arguments with this evaluation's values: the same loading and filters as training."""
+    return replace(
         _TRAIN,
         dataset_name=args.dataset_name,
         dataset_config=args.dataset_config,
@@ -132,8 +132,29 @@ def load_eval_rows(args: EvalArguments, processor):
         max_image_side=args.max_image_side,
         image_policy=args.image_policy,
         max_prompt_length=args.max_prompt_length,
-        eval_fraction=args.eval_fraction if args.split == "held_out" else 0.0,
+        eval_fraction=eval_fraction,
     )
+
+
+def find_split_record(adapter_dir: Path | None) -> dict | None:
+    """The split the training run recorded (grpo_vlm.py writes split.json into its output dir and every checkpoint)."""
+    for folder in (adapter_dir, adapter_dir.parent) if adapter_dir else ():
+        path = folder / SPLIT_RECORD
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def load_eval_rows(args: EvalArguments, processor, adapter_dir: Path | None = None):
+    """The rows to score: grpo_vlm.py's own loading and filtering; the held-out rows are those the training run
+    recorded (split.json beside the adapter), else the split is re-derived from the run's arguments."""
+    record = find_split_record(adapter_dir) if args.split == "held_out" else None
+    if record is not None:
+        if record["dataset_name"] != args.dataset_name:
+            raise DatasetError(f"the run at {adapter_dir} trained on {record['dataset_name']!r}, not "
+                               f"{args.dataset_name!r}: pass --dataset_name {record['dataset_name']}")
+        return _recorded_held_out_rows(args, processor, record)
+    script_args = data_arguments(args, eval_fraction=args.eval_fraction if args.split == "held_out" else 0.0)
     if args.split == "held_out" and args.eval_fraction <= 0:
         raise DatasetError("--split held_out needs --eval_fraction > 0 (the training run's); use --split all to "
                            "score the whole dataset")
@@ -141,7 +162,23 @@ def load_eval_rows(args: EvalArguments, processor):
     rows = held_out if args.split == "held_out" else train
     if args.max_samples is not None and len(rows) > args.max_samples:
         rows = rows.select(range(args.max_samples))
+    if args.split == "held_out":
+        logger.warning("no %s beside the adapter: the held-out split is re-derived from the arguments given here, "
+                       "which must be the training run's (a different filter or seed shifts it)", SPLIT_RECORD)
     logger.info("scoring %d rows (%s split of %s; %s)", len(rows), args.split, args.dataset_name, stats.summary())
+    return rows
+
+
+def _recorded_held_out_rows(args: EvalArguments, processor, record: dict):
+    """Every row the data filters keep, narrowed to the source rows the run held out (a filter here that drops more
+    than training did can only remove held-out rows, never add training ones)."""
+    rows, _, stats = load_datasets(data_arguments(args, eval_fraction=0.0), SimpleNamespace(seed=record["seed"]), processor)
+    held_out = set(record["held_out_source_indices"])
+    rows = rows.filter(lambda i: i in held_out, input_columns=SOURCE_INDEX)
+    if args.max_samples is not None and len(rows) > args.max_samples:
+        rows = rows.select(range(args.max_samples))
+    logger.info("scoring %d of the run's %d held-out rows (%s; %s)", len(rows), len(held_out), args.dataset_name,
+                stats.summary())
     return rows
 
 
@@ -199,7 +236,7 @@ def evaluate(args: EvalArguments) -> dict:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = load_processor(args.model_name_or_path)
-    rows = load_eval_rows(args, processor)
+    rows = load_eval_rows(args, processor, adapter_dir)
     if len(rows) == 0:
         raise DatasetError(f"no rows to score in {args.dataset_name} ({args.split} split)")
 

@@ -37,6 +37,7 @@ from pathlib import Path
 # Sibling modules (data, rewards, ...) import as top-level modules, whichever directory the script runs from.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 
@@ -413,6 +414,8 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
     first = getattr(training_args, "main_process_first", None)
     with first(local=True, desc="dataset preparation") if first else contextlib.nullcontext():
         raw, source_rows = load_source(script_args, training_args, limit)
+        # each row keeps its position in the source, so a run can record exactly which rows it held out (split.json)
+        raw = raw.add_column(SOURCE_INDEX, list(range(len(raw))))
         dataset, stats = prepare_dataset(
             raw,
             processor,
@@ -427,6 +430,42 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
         logger.info("dataset: %s", stats.summary())
     train, held_out = split_train_eval(dataset, script_args.eval_fraction if limit is None else 0, training_args.seed)
     return train, held_out, stats
+
+
+# ---- the run's split, recorded --------------------------------------------------------------------------------
+
+SOURCE_INDEX = "source_index"
+SPLIT_RECORD = "split.json"
+
+
+def split_record(script_args, training_args, train_dataset, held_out) -> dict:
+    """Which source rows the run trained on and which it held out: evaluation reads this instead of re-deriving the
+    split from arguments, so it can never score a training row (different filters shift a re-derived split)."""
+    return {
+        "dataset_name": script_args.dataset_name,
+        "dataset_config": script_args.dataset_config,
+        "dataset_train_split": script_args.dataset_train_split,
+        "seed": training_args.seed,
+        "eval_fraction": script_args.eval_fraction,
+        "train_source_indices": sorted(train_dataset[SOURCE_INDEX]),
+        "held_out_source_indices": sorted(held_out[SOURCE_INDEX]) if held_out is not None else [],
+    }
+
+
+class SplitRecordCallback(TrainerCallback):
+    """Writes the split record next to every checkpoint, so a fetched `checkpoint-N` carries it too."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_split_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.record)
+
+
+def write_split_record(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPLIT_RECORD).write_text(json.dumps(record))
 
 
 def batch_plan(training_args, num_train_rows: int) -> dict:
@@ -577,11 +616,14 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
 
 def train(script_args, training_args, model_args, processor, callbacks=None):
     """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer."""
-    train_dataset, _, _ = load_datasets(script_args, training_args, processor)
+    train_dataset, held_out, _ = load_datasets(script_args, training_args, processor)
+    record = split_record(script_args, training_args, train_dataset, held_out)
     if training_args.process_index == 0:  # one plan per run, not one per process
         logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
+        write_split_record(Path(training_args.output_dir), record)
     if training_args.resume_from_checkpoint:
         logger.info("resuming from %s", training_args.resume_from_checkpoint)
+    callbacks = [*(callbacks or []), SplitRecordCallback(record)]
     trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None, callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
