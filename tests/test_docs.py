@@ -4,11 +4,16 @@ Every shell block command of the guide is a `flexai` or a `make` command. The `m
 (FlexAI and Docker targets against the recording stand-ins of tests/flexai_stub.py; targets that would train or
 install are only resolved with `make -n`), and every `flexai` command of the guide must be exactly one of the
 calls those `make` commands made. The training command must be the seed's.
+
+Every measured number of README.md, the guide and BENCHMARKS.md is in QUOTES: recomputed from the raw result file it
+comes from (experiments/vlm-grpo/{bench,cpu,data-prep}-results/), quoted exactly, with a link to that file nearby;
+numbers that had no raw file were removed and are listed in REMOVED.
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import subprocess
 
@@ -214,3 +219,291 @@ def test_data_preparation_numbers_in_docs_match_the_raw_results():
     for quoted in (f"{prep['preparation_wall_s']} s once per node", f"{prep['peak_rss_mib']:,} MiB peak RSS",
                    f"{wait['peak_rss_mib']:,} MiB in the other", f"{downscaled:,} downscaled"):
         assert quoted in readme, quoted
+
+
+# --- every measured number of the three documents, against the raw file it comes from (issue 12, item 5) ----------
+
+EXP = REPO / "experiments" / "vlm-grpo"
+README = REPO / "README.md"
+BENCHMARKS = EXP / "BENCHMARKS.md"
+NEAR = 1000  # characters (whitespace-normalized) either side of a quoted number within which the raw file is linked
+
+
+def _raw(rel: str):
+    path = EXP / rel
+    return json.loads(path.read_text()) if path.suffix == ".json" else path.read_text()
+
+
+def _per_rank(result: dict) -> list[dict]:
+    ranks = result["per_rank"]
+    return json.loads(ranks) if isinstance(ranks, str) else ranks
+
+
+def _bench(rel: str) -> dict[str, dict]:
+    return {r["name"]: r for r in _raw(rel)["results"]}
+
+
+def _peak_gib(result: dict) -> float:
+    return max(result["nvidia_smi_peak_mib"].values()) / 1024
+
+
+def _ratio(rel: str) -> float:
+    r = _bench(rel)
+    return r["tuned"]["samples_per_s"] / r["seed"]["samples_per_s"]
+
+
+def _timings(i: int) -> dict:
+    return _raw("cpu-results/setup-and-timings.json")["runs"][i]
+
+
+def _split(prefix: str) -> int:  # the set-up split of the fresh-clone `make smoke`, by the start of its label
+    return next(v for k, v in _timings(0)["split_s"].items() if k.startswith(prefix))
+
+
+def _du(name: str) -> str:
+    return re.search(rf"^(\S+)\s+{re.escape(name)}$", _raw("cpu-results/venv-size.txt"), re.M).group(1)
+
+
+def _gb(du_size: str) -> str:  # du -h's 542M -> "0.5 GB", 8.3G -> "8.3 GB"
+    value = float(du_size[:-1]) / (1024 if du_size.endswith("M") else 1)
+    return f"{value:.1f} GB"
+
+
+B1, B2, B3 = ("bench-results/1-upstream-vision-loop.json", "bench-results/2-batched-vision.json",
+              "bench-results/3-batched-vision-zero3-knobs.json")
+TIMINGS = "cpu-results/setup-and-timings.json"
+COLD, CACHED = "data-prep-results/scale-7700-2proc-cold.json", "data-prep-results/scale-7700-2proc-cached.json"
+DEMO, DEMO_EVAL = "cpu-results/learning-demo.json", "cpu-results/learning-demo-eval.json"
+
+
+def _bench_row(rel: str, name: str) -> str:
+    r = _bench(rel)[name]
+    return (f"| {r['step_s']:.2f} | {r['completions_per_step']:.0f} | **{r['samples_per_s']:.2f}** | "
+            f"{r['gen_tok_s_per_gpu']:.0f} | {r['train_tok_s_per_gpu']:,.0f} | {r['train_tflops_per_gpu']:.0f} | "
+            f"**{100 * r['mfu']:.1f} %** | {100 * r['model_mfu']:.1f} % | {r['peak_allocated_gib']:.1f} GiB | "
+            f"{r['peak_reserved_gib']:.1f} GiB | **{_peak_gib(r):.1f} GiB** |")
+
+
+def _phase_row(rel: str, name: str) -> str:
+    r = _bench(rel)[name]
+    p = r["phases_per_step"]
+    p = json.loads(p) if isinstance(p, str) else p
+    cells = [p[k] for k in ("rollout", "generation", "reward", "forward", "vision_in_forward", "backward", "optimizer")]
+    return f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {r['step_s']:.2f} |"
+
+
+def _call_row(rel: str) -> str:
+    r = _bench(rel)
+    seed, tuned = r["seed"], r["tuned"]
+    p = tuned["phases_per_step"]
+    p = json.loads(p) if isinstance(p, str) else p
+    return (f"| {seed['step_s']:.2f} | {tuned['step_s']:.2f} | {p['forward']:.2f} + {p['backward']:.2f} | "
+            f"{tuned['train_tflops_per_gpu']:.0f} | {100 * tuned['mfu']:.1f} % | {_ratio(rel):.2f}× |")
+
+
+def _matmul(rel: str, gpus) -> float:
+    rates = {m["gpu"]: m["tflops"] for m in _raw(rel)["matmul_bf16"]}
+    return sum(rates[g] for g in gpus) / len(gpus)
+
+
+def _flops(rel: str, name: str) -> dict:
+    return _per_rank(_bench(rel)[name])[0]["flops_per_step"]
+
+
+def _phases(rel: str, name: str) -> dict:
+    p = _bench(rel)[name]["phases_per_step"]
+    return json.loads(p) if isinstance(p, str) else p
+
+
+def _seed_flops_text() -> str:
+    f = _flops(B3, "seed")
+    total = f["fwd"] + f["bwd"] + f["recompute"]
+    return (f"{f['fwd']:.2e} forward (vision {f['vision']:.2e} of it, {f['vision'] / 8:.2e} per image), "
+            f"{f['bwd']:.2e} backward and {f['recompute']:.2e} recompute, **{total:.2e} FLOPs**").replace("e+", "e")
+
+
+def _tuned_flops_text() -> str:
+    f, p = _flops(B3, "tuned"), _phases(B3, "tuned")
+    bwd = f["bwd"] + f["recompute"]
+    return (f"{bwd:.2e} FLOPs / {p['backward']:.2f} s = {bwd / p['backward'] / 1e12:.0f} TFLOP/s").replace("e+", "e")
+
+
+def _vision_text() -> str:
+    f, p = _flops(B3, "tuned"), _phases(B3, "tuned")
+    return f"{f['vision']:.1e} FLOPs in {p['vision_in_forward']:.2f} s".replace("e+", "e")
+
+
+def _wall_range() -> str:
+    walls = [r["wall_s"] for rel in (B1, B2, B3) for r in _bench(rel).values()]
+    return f"{min(walls):.0f}-{max(walls):.0f} s"
+
+
+def _tied_ratio_range() -> str:
+    ratios = _raw("cpu-results/vllm-lora-on-tied-lm-head.json")["tied_lm_head"]["importance_sampling_ratio_mean"]
+    return f"{min(ratios):.4f} to {max(ratios):.1f}"
+
+
+def _is_ratio_range(rel: str, sep: str, digits: int) -> str:
+    ratios = [e["sampling/importance_sampling_ratio/mean"] for e in _raw(rel)["log_history"]
+              if "sampling/importance_sampling_ratio/mean" in e]
+    return f"{min(ratios):.{digits}f}{sep}{max(ratios):.{digits}f}"
+
+
+# (document, raw file relative to experiments/vlm-grpo/, the text the document must contain, computed from the raw file)
+QUOTES = [
+    # README.md
+    (README, TIMINGS, lambda: f"{_split('set-up total')} s of set-up, of which "
+                              f"{_split('vLLM 0.11.0 CPU build')} s building vLLM"),
+    (README, TIMINGS, lambda: f"{_timings(1)['wall_s']:.0f} s after set-up"),
+    (README, TIMINGS, lambda: f"set-up from nothing {_split('set-up total')} s"),
+    (README, TIMINGS, lambda: f"{_timings(2)['max_rss_kib_of_the_largest_process'] / 1024**2:.1f} GiB peak RSS"),
+    (README, TIMINGS, lambda: "{:.0f} s, of which {:.0f} s of tests ({} tests)".format(
+        _timings(3)["wall_s"], float(re.search(r"in ([\d.]+) s", _timings(3)["pytest"]).group(1)),
+        re.match(r"(\d+) passed", _timings(3)["pytest"]).group(1))),
+    (README, "cpu-results/venv-size.txt", lambda: f"{_gb(_du('.venv'))} of disk"),
+    (README, "cpu-results/venv-size.txt", lambda: f"{_gb(_du('nvidia'))} of NVIDIA's CUDA wheels, "
+                                                  f"{_gb(_du('total'))} of CUDA libraries inside torch, "
+                                                  f"{_gb(_du('triton'))} of triton"),
+    (README, COLD, lambda: f"{_raw(COLD)['processes'][0]['preparation_wall_s']} s once per node"),
+    (README, CACHED, lambda: f"({_raw(CACHED)['processes'][0]['preparation_wall_s']} s with the cache)"),
+    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s, training-phase MFU {:.1f} %".format(
+        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _bench(B3)["seed"]["mfu"])),
+    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s ({:.2f}×), MFU {:.1f} %".format(
+        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _bench(B3)["tuned"]["mfu"])),
+    (README, B3, lambda: f"| {_peak_gib(_bench(B3)['seed']):.1f} GiB per GPU |"),
+    (README, B3, lambda: f"| {_peak_gib(_bench(B3)['tuned']):.1f} GiB per GPU |"),
+    # the guide
+    (GUIDE, TIMINGS, lambda: f"{_split('vLLM 0.11.0 CPU build')} s on the 2-core CI machine"),
+    (GUIDE, DEMO, lambda: f"training reward {_raw(DEMO)['train_rewards_first5']:.2f} → {_raw(DEMO)['train_rewards_last5']:.2f}"),
+    (GUIDE, DEMO, lambda: f"`digit_ratio` {_raw(DEMO)['heldout_digit_ratio']['base']:.3f} for the base model vs "
+                          f"{_raw(DEMO)['heldout_digit_ratio']['adapter']:.3f} for the adapter"),
+    (GUIDE, DEMO, lambda: f"{_raw(DEMO)['train_seconds']} s of training and {_raw(DEMO)['eval_seconds']} s of evaluation"),
+    (GUIDE, DEMO_EVAL, lambda: "accuracy {:.3f} for the base model ({} of {} answers".format(
+        _raw(DEMO_EVAL)["models"]["base"]["scores"]["accuracy"],
+        round(_raw(DEMO_EVAL)["models"]["base"]["scores"]["accuracy"] * _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"]),
+        _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"])),
+    (GUIDE, DEMO_EVAL, lambda: "({} of {} held-out answers of the base model".format(
+        round(_raw(DEMO_EVAL)["models"]["base"]["scores"]["accuracy"] * _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"]),
+        _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"])),
+    (GUIDE, B3, lambda: "| the seed's flags | {:.1f} | {:.2f} | {:.1f} % | {:.1f} GiB |".format(
+        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _bench(B3)["seed"]["mfu"], _peak_gib(_bench(B3)["seed"]))),
+    (GUIDE, B3, lambda: "| {:.1f} | {:.2f} ({:.2f}×) | {:.1f} % | {:.1f} GiB |".format(
+        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _bench(B3)["tuned"]["mfu"],
+        _peak_gib(_bench(B3)["tuned"]))),
+    (GUIDE, B3, lambda: f"({100 * _phases(B3, 'seed')['generation'] / _bench(B3)['seed']['step_s']:.0f} % of the seed's step"),
+    (GUIDE, B3, lambda: f"Measured {_ratio(B3):.2f}× the seed's samples/s"),
+    (GUIDE, COLD, lambda: f"Peak RSS includes the {_raw(COLD)['processes'][0]['peak_rss_mib_before_preparation']:,} MiB"),
+    (GUIDE, "data-prep-results/scale-7700-dry-run.json", lambda: "JPEG images {}–{} px a side, {} MB".format(
+        min(_raw("data-prep-results/scale-7700-dry-run.json")["plan"]["data"][k]["min"] for k in ("image_width", "image_height")),
+        max(_raw("data-prep-results/scale-7700-dry-run.json")["plan"]["data"][k]["max"] for k in ("image_width", "image_height")),
+        re.search(r"(\d+) MB", " ".join(_raw("data-prep-results/scale-7700-dry-run.json")["setup"])).group(1))),
+    (GUIDE, COLD, lambda: "(load average {:.1f} to {:.1f})".format(
+        *sorted((_raw(COLD)["machine"]["load_average_at_start"][0], _raw(COLD)["machine"]["load_average_at_end"][0])))),
+    (GUIDE, "cpu-results/vllm-colocate-weight-check-without-m10-fix.json",
+     lambda: _is_ratio_range("cpu-results/vllm-colocate-weight-check-without-m10-fix.json", "–", 2)),
+    (GUIDE, "cpu-results/vllm-lora-on-tied-lm-head.json", _tied_ratio_range),
+    # BENCHMARKS.md
+    (BENCHMARKS, B3, lambda: "| seed | 3 " + _bench_row(B3, "seed")),
+    (BENCHMARKS, B3, lambda: "| tuned | 2 (timeout in step 4) " + _bench_row(B3, "tuned")),
+    (BENCHMARKS, B3, lambda: f"**tuned / seed = {_ratio(B3):.2f}× samples/s.**"),
+    (BENCHMARKS, B3, lambda: "tuned {} (call 3), {} (call 2); seed {:.1f} %".format(
+        " / ".join(f"{100 * r['mfu']:.1f} %" for r in _per_rank(_bench(B3)["tuned"])),
+        " / ".join(f"{100 * r['mfu']:.1f} %" for r in _per_rank(_bench(B2)["tuned"])), 100 * _bench(B3)["seed"]["mfu"])),
+    (BENCHMARKS, B3, lambda: ", ".join(f"{m['tflops']:.0f}" for m in _raw(B3)["matmul_bf16"]) + " TFLOP/s on GPUs 0-3"),
+    (BENCHMARKS, B3, lambda: _phase_row(B3, "seed")),
+    (BENCHMARKS, B3, lambda: _phase_row(B3, "tuned")),
+    (BENCHMARKS, B1, lambda: _call_row(B1)),
+    (BENCHMARKS, B2, lambda: _call_row(B2)),
+    (BENCHMARKS, B3, lambda: _call_row(B3)),
+    (BENCHMARKS, B3, lambda: "**{:.0f} ms / {:.0f} ms with the upstream loop, {:.0f} ms / {:.0f} ms batched".format(
+        _raw(B2)["vision_tower"]["upstream_loop_ms"], _raw(B3)["vision_tower"]["upstream_loop_ms"],
+        _raw(B2)["vision_tower"]["batched_ms"], _raw(B3)["vision_tower"]["batched_ms"])),
+    (BENCHMARKS, B3, lambda: f"({_matmul(B3, (2, 3)):.0f} vs {_matmul(B2, (2, 3)):.0f} TFLOP/s)"),
+    (BENCHMARKS, B3, lambda: f"({_peak_gib(_bench(B3)['tuned']):.1f} vs {_peak_gib(_bench(B2)['tuned']):.1f} GiB)"),
+    (BENCHMARKS, B3, lambda: f"{_bench(B2)['seed']['step_s']:.1f} vs {_bench(B3)['seed']['step_s']:.1f} s per step"),
+    (BENCHMARKS, B3, lambda: f"{_ratio(B3):.2f}× (call 3), {_ratio(B2):.2f}× (call 2), {_ratio(B1):.2f}× (call 1)"),
+    (BENCHMARKS, B3, lambda: f"(`vision_in_forward`, {_phases(B3, 'seed')['vision_in_forward']:.2f} s for 8 images)"),
+    (BENCHMARKS, B3, lambda: "Its forward runs at {:.0f}\n TFLOP/s, its backward with recomputation at {:.0f}".format(
+        _flops(B3, "seed")["fwd"] / _phases(B3, "seed")["forward"] / 1e12,
+        (_flops(B3, "seed")["bwd"] + _flops(B3, "seed")["recompute"]) / _phases(B3, "seed")["backward"] / 1e12)),
+    (BENCHMARKS, B3, _tuned_flops_text),
+    (BENCHMARKS, B3, _vision_text),
+    (BENCHMARKS, B3, lambda: "moves {:,.0f} tokens per GPU in {:.1f} s, {:,.0f} tokens/s/GPU".format(
+        _per_rank(_bench(B3)["tuned"])[0]["train_tokens_padded_per_step"], _bench(B3)["tuned"]["step_s"],
+        _per_rank(_bench(B3)["tuned"])[0]["train_tokens_padded_per_step"] / _bench(B3)["tuned"]["step_s"])),
+    (BENCHMARKS, B3, lambda: f"({100 * _phases(B3, 'tuned')['generation'] / _bench(B3)['tuned']['step_s']:.0f} % of the step)"),
+    (BENCHMARKS, B3, lambda: "64 sequences took {:.1f} s where 8 took {:.1f} s, {:.1f}× the generated tokens per second "
+                             "({:.0f} vs {:.0f} per GPU)".format(
+        _phases(B3, "tuned")["generation"], _phases(B3, "seed")["generation"],
+        _bench(B3)["tuned"]["gen_tok_s_per_gpu"] / _bench(B3)["seed"]["gen_tok_s_per_gpu"],
+        _bench(B3)["tuned"]["gen_tok_s_per_gpu"], _bench(B3)["seed"]["gen_tok_s_per_gpu"])),
+    (BENCHMARKS, B3, lambda: "from {:.0f} to {:.0f} TFLOP/s".format(
+        _bench(B3)["seed"]["train_tflops_per_gpu"], _bench(B3)["tuned"]["train_tflops_per_gpu"])),
+    (BENCHMARKS, B2, lambda: ", ".join(f"{s:.1f}" for s in _per_rank(_bench(B2)["tuned"])[0]["step_s"]) + " s"),
+    (BENCHMARKS, B3, _wall_range),
+    (BENCHMARKS, B3, _seed_flops_text),
+    (BENCHMARKS, B3, lambda: "the seed took {:.2f} s".format(
+        _phases(B3, "seed")["forward"] + _phases(B3, "seed")["backward"])),
+    (BENCHMARKS, B3, lambda: f"{_peak_gib(_bench(B3)['seed']):.1f} GiB nvidia-smi peak per GPU"),
+    (BENCHMARKS, "cpu-results/vllm-colocate-weight-check.json",
+     lambda: _is_ratio_range("cpu-results/vllm-colocate-weight-check.json", "–", 3)),
+]
+
+# Numbers that had no raw file and were taken out; they must not come back without one.
+REMOVED = [
+    (README, "29.9 / 17.9 / 14.2"), (README, "~10 s"), (README, "26.35s/it"),
+    (GUIDE, "seen: step"), (GUIDE, "3 of 6 runs"), (GUIDE, "5 of 5 runs"), (GUIDE, "about 2 minutes"),
+    (GUIDE, "~100 s per step"), (GUIDE, "40-byte"),
+    (BENCHMARKS, "about 25 s"), (BENCHMARKS, "120-150 s"), (BENCHMARKS, "438 MB"), (BENCHMARKS, "about 15 minutes"),
+    (BENCHMARKS, "64 s it took alone"),
+]
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _links(doc) -> list[tuple[int, pathlib.Path]]:
+    """(position in the whitespace-normalized text, resolved target) of every relative link of doc."""
+    text = _flat(doc.read_text())
+    return [(m.start(), (doc.parent / m.group(1)).resolve())
+            for m in re.finditer(r"\]\((?!https?://|#)([^)#\s]+)", text)]
+
+
+@pytest.mark.parametrize("doc,raw,quote", QUOTES, ids=lambda v: v.name if hasattr(v, "name") else None)
+def test_every_quoted_number_matches_its_raw_file_and_links_it(doc, raw, quote):
+    """The document quotes the number as the raw file gives it, and links that raw file (or its folder) near it."""
+    expected = _flat(quote())
+    text = _flat(doc.read_text())
+    positions = [m.start() for m in re.finditer(re.escape(expected), text)]
+    assert positions, f"{doc.name} does not quote {expected!r} (computed from {raw})"
+    target = (EXP / raw).resolve()
+    links = [pos for pos, path in _links(doc) if path in (target, target.parent)]
+    for pos in positions:
+        assert any(abs(link - pos) <= NEAR for link in links), \
+            f"{doc.name}: {expected!r} has no link to {raw} within {NEAR} characters"
+
+
+def test_both_gpus_of_a_pair_agree_as_benchmarks_says():
+    assert "In call 3 the two GPUs of a pair agree within 0.1 point of MFU" in _flat(BENCHMARKS.read_text())
+    for result in _bench(B3).values():
+        mfus = [100 * r["mfu"] for r in _per_rank(result)]
+        assert max(mfus) - min(mfus) < 0.1, (result["name"], mfus)
+
+
+@pytest.mark.parametrize("doc,text", REMOVED, ids=lambda v: v.name if hasattr(v, "name") else v)
+def test_numbers_without_a_raw_file_stay_out(doc, text):
+    assert text not in doc.read_text()
+
+
+@pytest.mark.parametrize("doc", [GUIDE, README, BENCHMARKS], ids=lambda p: str(p.relative_to(REPO)))
+def test_raw_and_results_links_point_at_existing_files(doc):
+    text = doc.read_text()
+    raw_links = re.findall(r"\[raw\]\(([^)#\s]+)\)", text)
+    results = re.findall(r"\]\(([^)#\s]*(?:bench|cpu|data-prep)-results/[^)#\s]*)\)", text)
+    assert raw_links or results
+    for link in raw_links + results:
+        path = doc.parent / link
+        assert path.is_file() or (link.endswith("/") and path.is_dir() and any(path.iterdir())), f"{doc.name}: {link}"
+    for link in raw_links:
+        assert (doc.parent / link).is_file(), f"{doc.name}: [raw]({link}) is not a file"
