@@ -151,7 +151,7 @@ $(VLLM_STAMP): $(STAMP) scripts/build_vllm_cpu.py code/vlm-grpo/requirements-vll
 	$(VPY) scripts/build_vllm_cpu.py --wheel-dir $(WHEEL_DIR) --install $(REQS) code/vlm-grpo/requirements-vllm-cpu.txt
 	touch $@
 
-vllm-cpu: $(VLLM_STAMP) ## build vLLM 0.11.0 for CPU from PyPI's sdist (about 2 min, once) and install it into $(VENV)
+vllm-cpu: $(VLLM_STAMP) ## build vLLM 0.11.0 for CPU from PyPI's sdist (once; cached in WHEEL_DIR) and install it into $(VENV)
 
 smoke: $(STAMP) $(if $(filter 0,$(SMOKE_VLLM)),,$(VLLM_STAMP)) ## the seed command offline: tiny Qwen2.5-VL, synthetic data, vLLM colocate, 2-process ZeRO-3 on CPU
 	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) SMOKE_VLLM=$(SMOKE_VLLM) SMOKE_ARGS='$(SMOKE_ARGS)' bash scripts/smoke.sh
