@@ -255,6 +255,15 @@ def vllm_importable() -> bool:
     return True
 
 
+def model_config(model_args):
+    """The model's config.json only (no weights), as the trainer will load it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+
+
 # TRL 1.2.0 builds the colocated engine with max_num_batched_tokens=4096 (trl/generation/vllm_generation.py): a prompt
 # longer than that, image tokens included, cannot be scheduled (trl#3788).
 VLLM_COLOCATE_BATCHED_TOKENS = 4096
@@ -265,11 +274,7 @@ def check_vllm_limits(training_args, model_args, longest_prompt: int | None) -> 
     model's, the longest prompt the data produces against TRL's batched-token budget. None without --use_vllm."""
     if not training_args.use_vllm:
         return None
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-    )
+    config = model_config(model_args)
     context = config.get_text_config().max_position_embeddings
     max_model_len = training_args.vllm_max_model_length
     if max_model_len is not None and max_model_len > context:
@@ -300,8 +305,8 @@ def check_vllm_lora_targets(training_args, model_args) -> None:
     TRL 1.2.0 syncs the policy into vLLM by merging LoRA into the weights and loading them by name; a tied model's
     `lm_head` *is* its `embed_tokens` (one tensor in transformers, one module in vLLM), so the merged head also
     replaces vLLM's input embeddings, which the trainer keeps unmerged. The two policies drift apart as the adapter
-    grows: measured on the tiny model, the importance-sampling ratio went from ~1 to 0.01..9.6 after 20 steps and
-    the learned reward collapsed. Qwen2.5-VL-3B ties them; q_proj/v_proj (the seed's targets) are not affected."""
+    grows: measured on the tiny model, the importance-sampling ratio left ~1 after about 16 steps (0.0008..9.6) and
+    the learned reward collapsed (experiments/vlm-grpo/cpu-results/vllm-lora-on-tied-lm-head.json). Qwen2.5-VL-3B ties them; q_proj/v_proj (the seed's targets) are not affected."""
     if not (training_args.use_vllm and model_args.use_peft and model_args.lora_target_modules):
         return
     targets = model_args.lora_target_modules
@@ -309,11 +314,7 @@ def check_vllm_lora_targets(training_args, model_args) -> None:
     tied_modules = [t for t in targets if t in ("lm_head", "embed_tokens")]  # PEFT's all-linear skips lm_head
     if not tied_modules:
         return
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-    )
+    config = model_config(model_args)
     tied = getattr(config, "tie_word_embeddings", None)
     if tied is None:
         tied = config.get_text_config().tie_word_embeddings
