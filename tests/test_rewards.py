@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import sys
 
 import pytest
+
+from _tiny import REPO
 
 import rewards
 from rewards import (
@@ -226,18 +230,32 @@ def test_accuracy_grades_latex_outside_the_main_thread():
 SLOW_TO_VERIFY = "(x+2)^{2000}", "(x+1)^{2000}"
 
 
-def test_accuracy_timeout_is_logged_and_counted(monkeypatch, caplog):
-    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT_S", 1)
-    before = rewards.ACCURACY_EVENTS["timeout"]
-    metrics = []
-    prediction, answer = SLOW_TO_VERIFY
-    completions = [chat(f"<think>x</think><answer>{prediction}</answer>"), chat("<think>x</think><answer>3</answer>")]
-    with caplog.at_level("WARNING", logger="rewards"):
-        scores = accuracy_reward(completions, [gold(answer), gold("3")], log_metric=lambda *m: metrics.append(m))
-    assert scores == [0.0, 1.0]
-    assert rewards.ACCURACY_EVENTS["timeout"] == before + 1
-    assert metrics == [("accuracy/timeouts", 1.0)], "GRPOTrainer's log_metric gets the batch's count"
-    assert "timed out on 1 of 2 answers" in caplog.text
+def test_accuracy_timeout_is_logged_and_counted():
+    """In a fresh interpreter: math-verify's timeout is a SIGALRM in the main thread, and a suite that has already
+    verified the same expression (sympy caches) or run other libraries in-process (vLLM's engine) can make the
+    comparison return in time, which passed or failed this test depending on what ran before it."""
+    code = f"""
+import json, logging, sys
+sys.path.insert(0, {str(REPO / 'code' / 'vlm-grpo')!r})
+import rewards
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+rewards.MATH_VERIFY_TIMEOUT_S = 1
+chat = lambda text: [{{"role": "assistant", "content": text}}]
+gold = lambda answer: f"<think>reasoning</think>\\n\\n<answer>{{answer}}</answer>"
+prediction, answer = {SLOW_TO_VERIFY!r}
+metrics = []
+scores = rewards.accuracy_reward(
+    [chat(f"<think>x</think><answer>{{prediction}}</answer>"), chat("<think>x</think><answer>3</answer>")],
+    [gold(answer), gold("3")], log_metric=lambda *m: metrics.append(m))
+print(json.dumps({{"scores": scores, "timeouts": rewards.ACCURACY_EVENTS["timeout"], "metrics": metrics}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["scores"] == [0.0, 1.0]
+    assert result["timeouts"] == 1
+    assert result["metrics"] == [["accuracy/timeouts", 1.0]], "GRPOTrainer's log_metric gets the batch's count"
+    assert "timed out on 1 of 2 answers" in proc.stderr
 
 
 def test_accuracy_reports_zero_timeouts_to_the_trainer():
