@@ -152,14 +152,17 @@ def test_kill_after_first_checkpoint_then_resume(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = [*seed_script_args(tiny_model, out, 4), *FAST, "--save_steps", "1"]
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", args)
-    first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True, text=True)
+    # The log goes to a file, not a pipe: nobody reads a pipe while we poll, and a full pipe (64 KiB) blocks the run.
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT,
+                                 start_new_session=True, text=True)
     deadline = time.time() + 300
     try:
         # trainer_state.json is the last file a checkpoint gets: once it exists, the checkpoint is complete.
         while not (out / "checkpoint-1" / "trainer_state.json").exists():
-            assert first.poll() is None, f"run ended before its first checkpoint:\n{first.stdout.read()[-4000:]}"
-            assert time.time() < deadline, "no checkpoint within 300 s"
+            assert first.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"no checkpoint within 300 s:\n{log.read_text()[-4000:]}"
             time.sleep(0.5)
     finally:
         kill_tree(first.pid)  # launcher and workers at once, like a preempted node
