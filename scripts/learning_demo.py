@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code" / "vlm-grpo"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-# Training flags of the demo, tuned on the tiny model: digit_ratio goes ~0.04 -> ~1.0 (lr 5e-3 needed 30 steps for
-# ~0.8; q_proj/v_proj alone at lr 5e-3..1e-1 stayed under 0.06). CPU runs are not bit-reproducible and the take-off
-# step varies (seen: step 9 to 17): a constant lr and 30 steps leave margin; with the default linear decay to 0 over
-# 24 steps, 3 of 6 runs ended at 0.12-0.65 instead of ~1.0.
+# Training flags of the demo, tuned on the tiny model (digit_ratio before/after: cpu-results/learning-demo*.json).
+# LoRA on q_proj/v_proj alone barely moved the reward at any lr tried, hence lm_head too. CPU runs are not
+# bit-reproducible and the step where the reward takes off varies between runs: a constant lr and 30 steps leave
+# margin, where the default linear decay to 0 sometimes stopped learning before take-off.
 TRAIN_FLAGS = [
     "--dataset_name", "synthetic", "--synthetic_rows", "256",
     "--eval_fraction", "0.1",  # 25 held-out questions, never trained on
