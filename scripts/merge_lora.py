@@ -15,6 +15,12 @@ adapter is absent) or the folder `flexai checkpoint fetch` wrote. `--model_name_
 recorded in the adapter; another base is refused (name and layer shapes are checked). Before saving, the merged
 and unmerged models are run on one sample (an image and a question) and their logits must agree within
 `--tolerance`, so a merge that changed the model's outputs is never written.
+
+The folder written is "inference ready" for FlexAI (`flexai checkpoint push` then `flexai inference serve`, which
+runs vLLM): `config.json` with `architectures` (what FlexAI's checkpoint manager looks for), the weights, the
+processor and the chat template. `make flexai-checkpoint-push` runs the same check first:
+
+    python scripts/merge_lora.py --check_inference_ready outputs/merged   # one line per problem, nothing when ready
 """
 
 from __future__ import annotations
@@ -159,6 +165,10 @@ def merge(args: MergeArguments) -> dict:
         "adapter_effect_relative": adapter_effect,
         "tolerance": args.tolerance,
     }
+    problems = inference_ready_problems(out)
+    if problems:  # a save that lost a file: say so now, not when the endpoint fails to start
+        raise MergeError(f"the merged folder is not inference ready: {problems[0]}")
+    info["inference_ready"] = True
     (out / "merge_info.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -207,6 +217,43 @@ def restore_config_keys(base: str, out: Path, model) -> None:
     merged_file.write_text(json.dumps(fixed, indent=2, sort_keys=True) + "\n")
 
 
+# what an OpenAI-compatible server (vLLM) needs besides the weights to answer a chat request with an image
+PROCESSOR_FILES = ("preprocessor_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def inference_ready_problems(folder) -> list[str]:
+    """Why `folder` cannot be served as it is, one line each (empty: ready). FlexAI marks a checkpoint "inference
+    ready" when its config.json has `architectures` (docs.flex.ai, Inference-ready Checkpoints); vLLM also needs the
+    weights, the image processor, the tokenizer and a chat template to turn a chat request into the model's prompt."""
+    out = Path(folder)
+    if not out.is_dir():
+        return [f"{out}: no such folder (make merge writes the merged model)"]
+    problems = []
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return [f"{out}: no readable config.json ({type(err).__name__}): not a model folder; make merge writes one"]
+    if not config.get("architectures"):
+        problems.append(f"{out}/config.json has no `architectures`: FlexAI will not mark it inference ready and vLLM "
+                        "cannot pick the model class; merge with scripts/merge_lora.py, which writes it")
+    if (out / "adapter_config.json").exists():
+        problems.append(f"{out} holds a LoRA adapter (adapter_config.json): merge it first (make merge)")
+    if not list(out.glob("*.safetensors")) and not list(out.glob("*.bin")):
+        problems.append(f"{out} holds no weights (*.safetensors)")
+    for name in PROCESSOR_FILES:
+        if not (out / name).exists():
+            problems.append(f"{out} has no {name}: the image processor is missing")
+    if not any((out / name).exists() for name in TOKENIZER_FILES):
+        problems.append(f"{out} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    tokenizer_config = out / "tokenizer_config.json"
+    has_template = (out / "chat_template.jinja").exists() or (out / "chat_template.json").exists() or (
+        tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text()))
+    if not has_template:
+        problems.append(f"{out} has no chat template (chat_template.jinja): chat requests cannot be formatted")
+    return problems
+
+
 def _config_dtype(base: str):
     """The dtype the base ships in (config.json's torch_dtype), so `--dtype auto` saves what vLLM expects."""
     import torch
@@ -237,7 +284,20 @@ def main(argv: list[str] | None = None) -> dict:
     return info
 
 
+def check_inference_ready(argv: list[str]) -> None:
+    """`--check_inference_ready DIR`: print the first problem in one line (nothing when ready); used by
+    `make flexai-checkpoint-push` before anything is uploaded."""
+    if len(argv) != 1:
+        sys.exit("usage: merge_lora.py --check_inference_ready DIR")
+    problems = inference_ready_problems(argv[0])
+    if problems:
+        print(problems[0])
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--check_inference_ready"]:
+        check_inference_ready(sys.argv[2:])
+        sys.exit(0)
     try:
         main()
     except (AdapterError, MergeError, FileExistsError, ValueError) as err:

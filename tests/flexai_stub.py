@@ -162,3 +162,55 @@ def block_commands(block: str) -> list[list[str]]:
         if words:
             commands.append(words)
     return commands
+
+
+# ---- local inputs of the FlexAI targets that read a folder first ------------------------------------------------
+
+def make_dataset_dir(folder: Path, drop: tuple[str, ...] = ()) -> Path:
+    """A dataset folder in a shape the script loads (parquet of `image`, `problem`, `solution`), from the offline
+    synthetic rows; `drop` removes columns (a folder without `solution` is bad input)."""
+    from synthetic_data import make_synthetic_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_synthetic_dataset(4).remove_columns(list(drop)).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def make_ready_model_dir(folder: Path, drop: tuple[str, ...] = (), architectures: bool = True) -> Path:
+    """The files an inference-ready model folder has (what scripts/merge_lora.py writes; weights empty: the make
+    targets only check and upload files, tests/test_merge.py and tests/test_serve.py check a real merged model)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "qwen2_5_vl", **({"architectures": ["Qwen2_5_VLForConditionalGeneration"]} if architectures else {})}
+    files = {"config.json": json.dumps(config), "model.safetensors": "", "preprocessor_config.json": "{}",
+             "tokenizer.json": "{}", "tokenizer_config.json": "{}", "chat_template.jinja": "{{ messages }}"}
+    for name, text in files.items():
+        if name not in drop:
+            (folder / name).write_text(text)
+    return folder
+
+
+# target -> (knob naming its local folder, builder of a valid one)
+LOCAL_INPUTS = {"flexai-dataset-push": ("DIR", make_dataset_dir), "flexai-checkpoint-push": ("MERGED", make_ready_model_dir)}
+
+
+def makefile_default(knob: str) -> str:
+    return re.search(rf"^{knob} \?= ?(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+
+
+def run_make_with_local_inputs(tmp: Path, *args: str, **kwargs) -> MakeRun:
+    """run_make for commands as the docs write them: a target that checks a local folder before calling flexai
+    (LOCAL_INPUTS) gets a valid folder built under tmp in place of the one the docs name, and the recorded flexai
+    argv names the docs' folder again, so it compares with the docs' own `flexai` command."""
+    targets = [a for a in args if "=" not in a and not a.startswith("-")]
+    local = LOCAL_INPUTS.get(targets[0]) if targets else None
+    if local is None:
+        return run_make(tmp, *args, **kwargs)
+    knob, build = local
+    given = [a.split("=", 1)[1] for a in args if a.startswith(f"{knob}=")]
+    shown = given[-1] if given else makefile_default(knob)
+    folder = str(build(tmp / "local-input"))
+    run = run_make(tmp, *[a for a in args if not a.startswith(f"{knob}=")], f"{knob}={folder}", **kwargs)
+    run.calls = [(tool, [a.replace(folder, shown) for a in argv]) for tool, argv in run.calls]
+    return run

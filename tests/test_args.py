@@ -174,11 +174,10 @@ def test_explicit_output_dir_wins_over_flexai(monkeypatch, tmp_path):
     assert training_args.output_dir == "/output-checkpoint/grpo-Qwen2.5-VL-3B-Instruct"
 
 
-def _trainer_checkpoint(folder):
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text('{"global_step": 1}')
-    (folder / "adapter_model.safetensors").write_bytes(b"")
-    return folder
+def _trainer_checkpoint(folder, step=1):
+    from test_resume import make_checkpoint  # a whole checkpoint: resume checks every file (checkpoints.py)
+
+    return make_checkpoint(folder, step)
 
 
 def test_flexai_input_checkpoint_itself(monkeypatch, tmp_path):
@@ -190,16 +189,20 @@ def test_flexai_input_checkpoint_itself(monkeypatch, tmp_path):
 def test_flexai_input_with_checkpoint_subfolders_picks_the_newest(monkeypatch, tmp_path):
     base = tmp_path / "input"
     for step in (2, 10, 9):  # numeric, not lexical order: 10 is the newest
-        _trainer_checkpoint(base / f"checkpoint-{step}")
+        _trainer_checkpoint(base / f"checkpoint-{step}", step)
     (base / "checkpoint-99.txt").write_text("a file, not a checkpoint")
     monkeypatch.setenv("FLEXAI_INPUT_CHECKPOINT_DIR", str(base))
     assert find_resume_checkpoint(None) == str(base / "checkpoint-10")
 
 
-def test_flexai_input_wins_over_output_dir(monkeypatch, tmp_path):
-    _trainer_checkpoint(tmp_path / "out" / "checkpoint-5")
-    ckpt = _trainer_checkpoint(tmp_path / "input" / "checkpoint-3")
+def test_the_newest_step_wins_across_flexai_input_and_output_dir(monkeypatch, tmp_path):
+    # Issue 10: the input checkpoint used to win always, so a resumed job that FlexAI restarted rewound.
+    newer = _trainer_checkpoint(tmp_path / "out" / "checkpoint-5", 5)
+    ckpt = _trainer_checkpoint(tmp_path / "input" / "checkpoint-3", 3)
     monkeypatch.setenv("FLEXAI_INPUT_CHECKPOINT_DIR", str(tmp_path / "input"))
+    assert find_resume_checkpoint(str(tmp_path / "out")) == str(newer)
+    newer.rename(tmp_path / "out" / "checkpoint-2")
+    (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     assert find_resume_checkpoint(str(tmp_path / "out")) == str(ckpt)
 
 
@@ -207,12 +210,12 @@ def test_empty_flexai_input_falls_back_to_output_dir(monkeypatch, tmp_path):
     (tmp_path / "input").mkdir()
     monkeypatch.setenv("FLEXAI_INPUT_CHECKPOINT_DIR", str(tmp_path / "input"))
     assert find_resume_checkpoint(str(tmp_path / "out")) is None  # nothing anywhere: fresh start
-    ckpt = _trainer_checkpoint(tmp_path / "out" / "checkpoint-7")
+    ckpt = _trainer_checkpoint(tmp_path / "out" / "checkpoint-7", 7)
     assert find_resume_checkpoint(str(tmp_path / "out")) == str(ckpt)
 
 
 def test_resolve_args_sets_resume_from_flexai_input(monkeypatch, tmp_path):
-    ckpt = _trainer_checkpoint(tmp_path / "input" / "checkpoint-4")
+    ckpt = _trainer_checkpoint(tmp_path / "input" / "checkpoint-4", 4)
     monkeypatch.setenv("FLEXAI_INPUT_CHECKPOINT_DIR", str(tmp_path / "input"))
     monkeypatch.setenv("FLEXAI_OUTPUT_CHECKPOINT_DIR", str(tmp_path / "output"))
     args = parse_args(["--model_name_or_path", "tiny"])

@@ -2,6 +2,7 @@
 (tiny) benchmark run end to end. The GPU numbers themselves are in experiments/vlm-grpo/BENCHMARKS.md."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -138,3 +139,81 @@ def test_bench_runs_end_to_end_on_cpu(repo_root, tmp_path):
         assert seed["phases_per_step"][phase] > 0, phase
     assert per_rank[0]["flops_per_step"]["recompute"] > 0  # the seed checkpoints
     assert "| seed | ok | 1 |" in (out / "bench.md").read_text()
+    if report["generation"] == "vLLM colocate":  # where vLLM is built (make vllm-cpu): its generation and the sync
+        for phase in ("vllm_generate", "weight_sync", "logps_nograd" if "-trl" in seed["name"] else "rollout"):
+            assert seed["phases_per_step"][phase] > 0, phase
+        assert 0 < seed["trainer_side_s"] < seed["step_s"]
+
+
+# ---- issue 11: names and units, the vLLM path's trainer side ------------------------------------------------------
+
+RESULTS = bench.REPO / "experiments" / "vlm-grpo" / "bench-results"
+
+
+def test_datasheet_peaks_are_the_dense_bf16_figures():
+    """NVIDIA's datasheets print bf16 tensor-core peaks with 2:4 sparsity (H100/H200 SXM 1,979, H100 PCIe 1,513,
+    NVL 1,671 TFLOP/s); MFU's denominator is the dense half. PCIe/NVL names must not fall through to the SXM figure."""
+    assert bench.datasheet_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(1979 / 2, abs=0.5)
+    assert bench.datasheet_tflops("NVIDIA H200") == pytest.approx(1979 / 2, abs=0.5)
+    assert bench.datasheet_tflops("NVIDIA H100 PCIe") == pytest.approx(1513 / 2, abs=0.5)
+    assert bench.datasheet_tflops("NVIDIA H200 NVL") == pytest.approx(1671 / 2, abs=0.5)
+    assert bench.datasheet_tflops("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_utilisation_figures_on_a_worked_example():
+    """1e15 model FLOPs + 0.5e15 recomputation in 2 s of forward + backward, a 10 s step with 0.25e15 FLOPs of
+    no-grad forwards, 20,000 real tokens, 1,000 TFLOP/s datasheet, 800 measured."""
+    f = bench.utilisation({"fwd": 0.4e15, "bwd": 0.6e15, "recompute": 0.5e15, "nograd": 0.25e15}, train_s=2.0,
+                          step_s=10.0, tokens_real=20_000, datasheet=1000.0, matmul=800.0)
+    assert f == pytest.approx({"train_tflops": 750.0, "train_mfu": 0.5, "train_hfu": 0.75, "train_hfu_vs_matmul": 0.9375,
+                               "step_mfu": 0.1, "step_hfu": 0.175, "e2e_tok_s": 2000.0})
+
+
+@pytest.mark.parametrize("call", ["1-upstream-vision-loop", "2-batched-vision", "3-batched-vision-zero3-knobs"])
+def test_refigured_files_are_what_refigure_derives_from_the_raw_files(call):
+    """The *.figures.json beside each raw file of calls 1-3 are refigure()'s output (regenerate with
+    `scripts/bench.py --refigure FILE`), and one figure is recomputed here by hand from the raw numbers: the tuned
+    training-phase MFU = (fwd + bwd FLOPs) / (forward + backward s) / 989.4 TFLOP/s, rank mean."""
+    raw = json.loads((RESULTS / f"{call}.json").read_text())
+    derived = json.loads((RESULTS / f"{call}.figures.json").read_text())
+    assert derived == json.loads(json.dumps(bench.refigure(raw, f"experiments/vlm-grpo/bench-results/{call}.json")))
+    tuned = next(r for r in raw["results"] if r["name"] == "tuned")
+    by_hand = sum((r["flops_per_step"]["fwd"] + r["flops_per_step"]["bwd"])
+                  / (r["phases_per_step"]["forward"] + r["phases_per_step"]["backward"]) / 989.4e12
+                  for r in tuned["per_rank"]) / len(tuned["per_rank"])
+    assert next(r for r in derived["results"] if r["name"] == "tuned")["train_mfu"] == pytest.approx(by_hand)
+    # the old recompute-counted "MFU" of the raw file was above this page's HFU vs matmul (down_proj was counted)
+    assert tuned["mfu"] > next(r for r in derived["results"] if r["name"] == "tuned")["train_hfu_vs_matmul"]
+
+
+@pytest.mark.slow
+def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_root, tmp_path):
+    """`--vllm_stand_in` (the device machine has no vLLM): TRL's vLLM colocate path with the engine replaced, on
+    the tiny model, TRL's paths (`seed-trl`) and fast_paths.py's (`seed`) in one run: the importance-sampling
+    forward is there before and gone after, every step syncs weights, and after training the two syncs hand over
+    identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once."""
+    out, checkpoint_dir = tmp_path / "bench", tmp_path / "output-checkpoint"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed-trl,seed",
+         "--vllm_stand_in", "--warmup", "1", "--steps", "1", "--completion_length", "8", "--rows", "32",
+         "--image_side", "112", "--timeout_s", "600"],
+        cwd=repo_root, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "FLEXAI_OUTPUT_CHECKPOINT_DIR": str(checkpoint_dir)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    # in a FlexAI job the results (not the model or data) land where `make flexai-fetch` finds them
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["bench.json", "bench.md"]
+    assert json.loads((checkpoint_dir / "bench.json").read_text()) == report
+    assert report["generation"].startswith("vLLM stand-in")
+    trl, fast = report["results"]
+    assert trl["status"] == fast["status"] == "ok"
+    assert trl["phases_per_step"]["logps_nograd"] > 0 and "logps_nograd" not in fast["phases_per_step"]
+    assert trl["per_rank"][0]["flops_per_step"]["nograd"] > 0 and "nograd" not in fast["per_rank"][0]["flops_per_step"]
+    for r in (trl, fast):
+        assert r["phases_per_step"]["weight_sync"] > 0 and r["completions_per_step"] == 16
+        assert r["trainer_side_s"] <= r["step_s"]
+    assert trl["sync_compare"] is None
+    for sync in fast["sync_compare"].values():
+        assert sync["identical_tensors"] and sync["layerwise"]["tensors"] == sync["trl"]["tensors"] > 20
+        assert 0 < sync["layerwise"]["gathered_at_handoff_gib"] < sync["trl"]["gathered_at_handoff_gib"]

@@ -3,6 +3,7 @@ the accelerate/DeepSpeed yaml, the requirements files, pyproject's pytest marker
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 
@@ -93,6 +94,81 @@ def test_launch_env_of_the_yaml_is_what_validate_args_reads(repo_root, tmp_path,
         monkeypatch.setenv(key, value)
     if refused:
         with pytest.raises(grpo_vlm.ConfigError, match="zero3_save_16bit_model"):
+            grpo_vlm.validate_args(*args)
+    else:
+        grpo_vlm.validate_args(*args)
+
+
+# ---- code/vlm-grpo/deepspeed_zero3.json: the same ZeRO-3 settings for the torchrun route (NODES > 1) -------------
+
+ZERO3_JSON = "code/vlm-grpo/deepspeed_zero3.json"
+
+
+def _without_none(config):
+    if isinstance(config, dict):
+        return {k: _without_none(v) for k, v in config.items() if v is not None}
+    return config
+
+
+def test_zero3_json_is_a_deepspeed_zero3_config_that_saves_the_adapter(repo_root):
+    config = json.loads((repo_root / ZERO3_JSON).read_text())
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True  # U5
+    # mixed precision follows the trainer's --bf16 (TRL's default on GPUs), as the yaml's bf16 does under accelerate
+    assert config["bf16"] == {"enabled": "auto"}
+
+
+def test_zero3_json_and_yaml_give_the_trainer_the_same_deepspeed_config(repo_root, tmp_path, monkeypatch):
+    """One set of ZeRO-3 settings, two routes: the DeepSpeed config the trainer ends up with from the yaml (through
+    `accelerate launch`'s environment, as TrainingArguments reads it) equals the one from `--deepspeed` JSON (torchrun,
+    FlexAI's multi-node launcher), key by key, after the Trainer fills the "auto" values from the same arguments."""
+    import copy
+
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    import grpo_vlm
+
+    monkeypatch.chdir(repo_root)
+    env = _launch_env(str(repo_root / ZERO3_YAML))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from_yaml = DeepSpeedPlugin()  # what TrainingArguments builds under accelerate launch
+    from_yaml.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
+    for key in env:
+        monkeypatch.delenv(key)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+    script = ["--model_name_or_path", "tiny", "--output_dir", str(tmp_path), "--gradient_checkpointing"]
+    args = grpo_vlm.parse_args([*script, "--deepspeed", ZERO3_JSON])[1]
+    from_json = args.deepspeed_plugin
+    for attr in ("zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_init_flag",
+                 "zero3_save_16bit_model"):
+        assert getattr(from_json, attr) == getattr(from_yaml, attr), attr
+
+    # the yaml's bf16 section comes from `mixed_precision: bf16`, the JSON's from "auto" + --bf16 (off on this CPU):
+    # compared above and in the test before; everything else must be equal
+    yaml_config = copy.deepcopy(from_yaml.deepspeed_config)
+    yaml_config.pop("bf16")
+    yaml_processed = HfTrainerDeepSpeedConfig(yaml_config)
+    yaml_processed.trainer_config_process(args)  # what Trainer.propagate_args_to_deepspeed does on the yaml route
+    json_config = {k: v for k, v in args.hf_deepspeed_config.config.items() if k != "bf16"}
+    assert _without_none(yaml_processed.config) == _without_none(json_config)
+
+
+@pytest.mark.parametrize("gather, refused", [(True, False), (False, True)])
+def test_a_deepspeed_json_that_would_save_an_empty_adapter_is_refused(repo_root, tmp_path, gather, refused):
+    """The torchrun route's U5 guard: the JSON's 16-bit gather on save, read the way the trainer reads it."""
+    import grpo_vlm
+
+    config = json.loads((repo_root / ZERO3_JSON).read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = gather
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(config))
+    args = grpo_vlm.parse_args(["--model_name_or_path", "tiny", "--output_dir", str(tmp_path / "o"), "--use_peft",
+                                "--deepspeed", str(path)])
+    if refused:
+        with pytest.raises(grpo_vlm.ConfigError, match=r"stage3_gather_16bit_weights_on_model_save.*trl#4416"):
             grpo_vlm.validate_args(*args)
     else:
         grpo_vlm.validate_args(*args)

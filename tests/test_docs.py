@@ -19,6 +19,7 @@ import subprocess
 
 import pytest
 from flexai_stub import DEFAULT_SECRET, REPO, SECRET_PLACEHOLDER, SEED_ARGV, block_commands, clean_env, run_make, shell_blocks
+from flexai_stub import run_make_with_local_inputs  # targets that check a local folder first get a valid one
 
 GUIDE = REPO / "experiments" / "vlm-grpo" / "README.md"
 KNOWN_ISSUES = REPO.parent / "shared" / "KNOWN_ISSUES.md"
@@ -80,7 +81,7 @@ def recorded(tmp_path_factory) -> list[tuple[list[str], list[list[str]]]]:
             continue
         tmp = tmp_path_factory.mktemp(f"cmd{i}")
         extra = [f"LOCAL_SMOKE_DIR={tmp}/smoke-out"] if targets[0] == "local-smoke" else []
-        run = run_make(tmp, *argv[1:], *extra, stdin="hf_placeholder_value\n")
+        run = run_make_with_local_inputs(tmp, *argv[1:], *extra, stdin="hf_placeholder_value\n")
         assert run.returncode == 0, f"{argv}: {run.stderr}"
         if targets[0].startswith("flexai-"):
             assert len(run.argv("flexai")) == 1, argv
@@ -158,8 +159,6 @@ def test_benchmark_numbers_in_docs_match_the_raw_results():
         "tuned s/step": f"{tuned['step_s']:.1f}",
         "seed samples/s": f"{seed['samples_per_s']:.2f}",
         "tuned samples/s": f"{tuned['samples_per_s']:.2f}",
-        "seed MFU": f"{100 * seed['mfu']:.1f} %",
-        "tuned MFU": f"{100 * tuned['mfu']:.1f} %",
         "seed peak": f"{max(seed['nvidia_smi_peak_mib'].values()) / 1024:.1f} GiB",
         "tuned peak": f"{max(tuned['nvidia_smi_peak_mib'].values()) / 1024:.1f} GiB",
     }
@@ -168,7 +167,7 @@ def test_benchmark_numbers_in_docs_match_the_raw_results():
         missing = {k: v for k, v in quoted.items() if v not in text}
         assert not missing, f"{doc.name} does not quote {missing}"
     readme = (REPO / "README.md").read_text()
-    assert ratio in readme and quoted["tuned MFU"] in readme
+    assert ratio in readme and f"training-phase MFU {100 * _fig('tuned')['train_mfu']:.1f} %" in readme
     # The tuned flags the guide recommends are the ones that were measured.
     tuned_flags = " ".join(tuned["script_args"])
     recommended = re.search(r'make flexai-train ARGS="(--per_device_train_batch_size[^"]+)"', GUIDE.read_text()).group(1)
@@ -349,7 +348,60 @@ def _is_ratio_range(rel: str, sep: str, digits: int) -> str:
     return f"{min(ratios):.{digits}f}{sep}{max(ratios):.{digits}f}"
 
 
-# (document, raw file relative to experiments/vlm-grpo/, the text the document must contain, computed from the raw file)
+# Issue 11: figures derived from calls 1-3 (scripts/bench.py --refigure), the vLLM path's trainer side (calls 4, 5)
+F3 = "bench-results/3-batched-vision-zero3-knobs.figures.json"
+B4, B5 = "bench-results/4-vllm-stand-in-first.json", "bench-results/5-vllm-stand-in.json"
+
+
+def _fig(name: str) -> dict:
+    return {r["name"]: r for r in _raw(F3)["results"]}[name]
+
+
+def _fig_row(name: str) -> str:
+    f = _fig(name)
+    return "| {} | {:.1f} % | {:.1f} % | {:.1f} % | {:.1f} % | {:,.0f} |".format(
+        name, 100 * f["train_mfu"], 100 * f["train_hfu"], 100 * f["train_hfu_vs_matmul"], 100 * f["step_mfu"],
+        f["e2e_tok_s_per_gpu"])
+
+
+def _b5_row(name: str) -> str:
+    r = _bench(B5)[name]
+    per = f"{r['trainer_side_s_per_completion']:.3f}"
+    if not name.endswith("-trl"):
+        per = f"**{per} ({_b5_side(name):.2f}×)**"
+    return "| {} | {:.2f} | {:.0f} | {} | {:.2f} | {:,.0f} | {:.1f} % | {:.1f} % | {:.1f} % | {:.1f} GiB |".format(
+        name, r["step_s"], r["completions_per_step"], per, r["samples_per_s"], r["e2e_tok_s_per_gpu"],
+        100 * r["train_mfu"], 100 * r["train_hfu"], 100 * r["step_mfu"], r["peak_allocated_gib"])
+
+
+def _b5_side(name: str, rel: str = B5) -> float:
+    r = _bench(rel)
+    return r[name]["trainer_side_s_per_completion"] / r[f"{name}-trl"]["trainer_side_s_per_completion"]
+
+
+def _b5_phase_row(name: str) -> str:
+    p = _bench(B5)[name]["phases_per_step"]
+    rest = p["rollout"] - p["weight_sync"] - p.get("logps_nograd", 0)
+    nograd = f"{p['logps_nograd']:.2f}" if "logps_nograd" in p else "-"
+    return (f"| {name} | {p['weight_sync']:.2f} | {nograd} | {rest:.2f} | {p['forward']:.2f} | {p['backward']:.2f} | "
+            f"{p['optimizer']:.2f} | {_bench(B5)[name]['step_s']:.2f} |")
+
+
+def _b5_mem_row(name: str) -> str:
+    m = _bench(B5)[name]["phase_peak_gib"]
+    cells = [f"{m[k]:.1f} (+{m[k + '_extra']:.1f}) GiB" if k in m else "-"
+             for k in ("weight_sync", "logps_nograd", "forward", "backward")]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def _h200_mib() -> int:
+    return int(re.search(r"NVIDIA H200, (\d+) MiB", _raw("bench-results/5-vllm-stand-in.device-output.txt")).group(1))
+
+
+def _sync(name: str, way: str, key: str) -> float:
+    return _bench(B5)[name]["sync_compare"]["0"][way][key]
+
+
 QUOTES = [
     # README.md
     (README, TIMINGS, lambda: f"{_split('set-up total')} s of set-up, of which "
@@ -366,10 +418,12 @@ QUOTES = [
                                                   f"{_gb(_du('triton'))} of triton"),
     (README, COLD, lambda: f"{_raw(COLD)['processes'][0]['preparation_wall_s']} s once per node"),
     (README, CACHED, lambda: f"({_raw(CACHED)['processes'][0]['preparation_wall_s']} s with the cache)"),
-    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s, training-phase MFU {:.1f} %".format(
-        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _bench(B3)["seed"]["mfu"])),
-    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s ({:.2f}×), MFU {:.1f} %".format(
-        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _bench(B3)["tuned"]["mfu"])),
+    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s, training-phase MFU {:.1f} % (HFU {:.1f} %)".format(
+        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _fig("seed")["train_mfu"],
+        100 * _fig("seed")["train_hfu"])),
+    (README, B3, lambda: "{:.1f} s per step, {:.2f} samples/s ({:.2f}×), training-phase MFU {:.1f} % (HFU {:.1f} %)".format(
+        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _fig("tuned")["train_mfu"],
+        100 * _fig("tuned")["train_hfu"])),
     (README, B3, lambda: f"| {_peak_gib(_bench(B3)['seed']):.1f} GiB per GPU |"),
     (README, B3, lambda: f"| {_peak_gib(_bench(B3)['tuned']):.1f} GiB per GPU |"),
     # the guide
@@ -385,11 +439,12 @@ QUOTES = [
     (GUIDE, DEMO_EVAL, lambda: "({} of {} held-out answers of the base model".format(
         round(_raw(DEMO_EVAL)["models"]["base"]["scores"]["accuracy"] * _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"]),
         _raw(DEMO_EVAL)["models"]["base"]["scores"]["completions"])),
-    (GUIDE, B3, lambda: "| the seed's flags | {:.1f} | {:.2f} | {:.1f} % | {:.1f} GiB |".format(
-        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _bench(B3)["seed"]["mfu"], _peak_gib(_bench(B3)["seed"]))),
-    (GUIDE, B3, lambda: "| {:.1f} | {:.2f} ({:.2f}×) | {:.1f} % | {:.1f} GiB |".format(
-        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _bench(B3)["tuned"]["mfu"],
-        _peak_gib(_bench(B3)["tuned"]))),
+    (GUIDE, B3, lambda: "| the seed's flags | {:.1f} | {:.2f} | {:.1f} % ({:.1f} %) | {:.1f} GiB |".format(
+        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _fig("seed")["train_mfu"],
+        100 * _fig("seed")["train_hfu"], _peak_gib(_bench(B3)["seed"]))),
+    (GUIDE, B3, lambda: "| {:.1f} | {:.2f} ({:.2f}×) | {:.1f} % ({:.1f} %) | {:.1f} GiB |".format(
+        _bench(B3)["tuned"]["step_s"], _bench(B3)["tuned"]["samples_per_s"], _ratio(B3), 100 * _fig("tuned")["train_mfu"],
+        100 * _fig("tuned")["train_hfu"], _peak_gib(_bench(B3)["tuned"]))),
     (GUIDE, B3, lambda: f"({100 * _phases(B3, 'seed')['generation'] / _bench(B3)['seed']['step_s']:.0f} % of the seed's step"),
     (GUIDE, B3, lambda: f"Measured {_ratio(B3):.2f}× the seed's samples/s"),
     (GUIDE, COLD, lambda: f"Peak RSS includes the {_raw(COLD)['processes'][0]['peak_rss_mib_before_preparation']:,} MiB"),
@@ -447,6 +502,90 @@ QUOTES = [
     (BENCHMARKS, B3, lambda: f"{_peak_gib(_bench(B3)['seed']):.1f} GiB nvidia-smi peak per GPU"),
     (BENCHMARKS, "cpu-results/vllm-colocate-weight-check.json",
      lambda: _is_ratio_range("cpu-results/vllm-colocate-weight-check.json", "–", 3)),
+    # the guide's fault table (Troubleshooting), row for row as tests/test_faults.py recorded it
+    (GUIDE, "cpu-results/faults.json", lambda: "\n".join("| {} | {} | {} | {} | {} |".format(
+        r["fault"], r["injected"], "yes" if r["survived"] else "no", r["steps_lost"], r["user_sees"])
+        for r in _raw("cpu-results/faults.json")["rows"])),
+    # issue 11: names and units (calls 1-3 refigured) and the vLLM path's trainer side (calls 4 and 5)
+    (BENCHMARKS, F3, lambda: _fig_row("seed")),
+    (BENCHMARKS, F3, lambda: _fig_row("tuned")),
+    (BENCHMARKS, B5, lambda: "was {:.0f} and {:.0f} TFLOP/s".format(*(m["tflops"] for m in _raw(B5)["matmul_bf16"]))),
+    (BENCHMARKS, B5, lambda: "HFU vs matmul is {:.1f}× HFU".format(
+        _bench(B5)["tuned"]["train_hfu_vs_matmul"] / _bench(B5)["tuned"]["train_hfu"])),
+    *[(BENCHMARKS, B5, lambda n=n: _b5_row(n)) for n in ("seed-trl", "seed", "tuned-trl", "tuned")],
+    *[(BENCHMARKS, B5, lambda n=n: _b5_phase_row(n)) for n in ("seed-trl", "seed", "tuned-trl", "tuned")],
+    *[(BENCHMARKS, B5, lambda n=n: _b5_mem_row(n)) for n in ("seed-trl", "seed", "tuned-trl", "tuned")],
+    (BENCHMARKS, B5, lambda: "**{:.2f} GiB layer by layer**".format(_sync("seed", "layerwise", "gathered_at_handoff_gib"))),
+    (BENCHMARKS, B5, lambda: "**against {:.2f} GiB** (seed) and {:.2f} GiB (tuned".format(
+        _sync("seed", "trl", "gathered_at_handoff_gib"), _sync("tuned", "trl", "gathered_at_handoff_gib"))),
+    (BENCHMARKS, B5, lambda: "{:.2f} GiB against {:.2f} GiB (seed). {} tensors".format(
+        _sync("seed", "layerwise", "peak_extra_gib"), _sync("seed", "trl", "peak_extra_gib"),
+        _sync("seed", "trl", "tensors"))),
+    (BENCHMARKS, B5, lambda: "{:.2f}-{:.2f} s either way".format(
+        min(r["phases_per_step"]["weight_sync"] for r in _bench(B5).values()),
+        max(r["phases_per_step"]["weight_sync"] for r in _bench(B5).values()))),
+    (BENCHMARKS, B5, lambda: "not met, {:.2f}×** ({:.4f} → {:.4f} s), seed {:.2f}×".format(
+        _b5_side("tuned"), _bench(B5)["tuned-trl"]["trainer_side_s_per_completion"],
+        _bench(B5)["tuned"]["trainer_side_s_per_completion"], _b5_side("seed"))),
+    (BENCHMARKS, B5, lambda: "was {:.2f} s of the tuned {:.2f} s step".format(
+        _bench(B5)["tuned-trl"]["phases_per_step"]["logps_nograd"], _bench(B5)["tuned-trl"]["step_s"])),
+    (BENCHMARKS, B4, lambda: "gave {:.2f}× for tuned".format(_b5_side("tuned", B4))),
+    (BENCHMARKS, B4, lambda: "its seed steps {:.2f} and {:.2f} s".format(*_per_rank(_bench(B4)["seed"])[0]["step_s"])),
+    (BENCHMARKS, B5, lambda: "the rest of the tuned rollout, {:.2f} s".format(
+        _bench(B5)["tuned"]["phases_per_step"]["rollout"] - _bench(B5)["tuned"]["phases_per_step"]["weight_sync"])),
+    (BENCHMARKS, B5, lambda: "spends {:.2f} of its {:.2f} s".format(  # cumtime: the 4th column of cProfile's table
+        float(re.search(r"^\s*\S+\s+\S+\s+\S+\s+(\S+)\s+\S+\s+\S*image_processing_utils_fast.py:\d+\(__call__\)",
+                        _bench(B5)["tuned"]["rollout_profile"], re.M).group(1)),
+        float(re.search(r"in (\d+\.\d+) seconds", _bench(B5)["tuned"]["rollout_profile"]).group(1)))),
+    (BENCHMARKS, B5, lambda: "(+{:.1f} GiB in `weight_sync`, against +{:.1f})".format(
+        _bench(B5)["tuned"]["phase_peak_gib"]["weight_sync_extra"], _bench(B5)["tuned-trl"]["phase_peak_gib"]["weight_sync_extra"])),
+    (BENCHMARKS, B5, lambda: "peaks {:.1f} GiB above its start".format(_bench(B5)["seed"]["phase_peak_gib"]["weight_sync_extra"])),
+    (BENCHMARKS, B5, lambda: "({:.1f} vs {:.1f} GiB with TRL's sync)".format(
+        _bench(B5)["seed"]["phase_peak_gib"]["reward"], _bench(B5)["seed-trl"]["phase_peak_gib"]["reward"])),
+    (BENCHMARKS, B5, lambda: "rose from {:.1f} to {:.1f} GiB".format(
+        _bench(B5)["seed-trl"]["peak_allocated_gib"], _bench(B5)["seed"]["peak_allocated_gib"])),
+    (BENCHMARKS, B5, lambda: "went from {:.1f} to {:.1f} GiB".format(
+        _bench(B5)["tuned-trl"]["peak_allocated_gib"], _bench(B5)["tuned"]["peak_allocated_gib"])),
+    *[(BENCHMARKS, B5, lambda n=n: "| {} | {:.1f} GiB | {:.1f} of 79.6 GiB | {:.1f} of {:.1f} GiB |".format(
+        n, _peak_gib(_bench(B5)[n]), _peak_gib(_bench(B5)[n]) + 0.3 * 81559 / 1024,
+        _peak_gib(_bench(B5)[n]) + 0.3 * _h200_mib() / 1024, _h200_mib() / 1024)) for n in ("seed", "tuned")],
+    (BENCHMARKS, "bench-results/5-vllm-stand-in.device-output.txt",
+     lambda: "{:.1f} GiB of an H200's {:,} MiB".format(0.3 * _h200_mib() / 1024, _h200_mib())),
+    (BENCHMARKS, B5, lambda: "peaked at {:.1f} GiB (seed) and {:.1f} GiB (tuned)".format(
+        _peak_gib(_bench(B5)["seed-trl"]), _peak_gib(_bench(B5)["tuned-trl"]))),
+    (BENCHMARKS, B5, lambda: "{:.1f}-{:.1f} GiB seed, {:.1f}-{:.1f} GiB tuned); TRL's sync adds {:.1f}-{:.1f} GiB".format(
+        *sorted(_bench(B5)[n]["phase_peak_gib"]["backward"] for n in ("seed-trl", "seed")),
+        *sorted(_bench(B5)[n]["phase_peak_gib"]["backward"] for n in ("tuned-trl", "tuned")),
+        *sorted(_bench(B5)[n]["phase_peak_gib"]["weight_sync_extra"] for n in ("tuned-trl", "seed-trl")))),
+    (BENCHMARKS, "bench-results/cpu-image-dedupe.json", lambda: "distinct) from {:.2f} to {:.2f} s".format(
+        _raw("bench-results/cpu-image-dedupe.json")["result"]["upstream_s"],
+        _raw("bench-results/cpu-image-dedupe.json")["result"]["deduped_s"])),
+    (README, B5, lambda: "{:.3f} → {:.3f} s per completion, {:.2f} → {:.2f} s per step".format(
+        _bench(B5)["seed-trl"]["trainer_side_s_per_completion"], _bench(B5)["seed"]["trainer_side_s_per_completion"],
+        _bench(B5)["seed-trl"]["step_s"], _bench(B5)["seed"]["step_s"])),
+    (README, B5, lambda: "{:.3f} → {:.3f} s per completion ({:.2f}×), {:.2f} → {:.2f} s per step".format(
+        _bench(B5)["tuned-trl"]["trainer_side_s_per_completion"], _bench(B5)["tuned"]["trainer_side_s_per_completion"],
+        _b5_side("tuned"), _bench(B5)["tuned-trl"]["step_s"], _bench(B5)["tuned"]["step_s"])),
+    (GUIDE, B5, lambda: "| the seed's flags | {:.3f} → {:.3f} | {:.2f} → {:.2f} | {:.1f} → {:.1f} GiB |".format(
+        _bench(B5)["seed-trl"]["trainer_side_s_per_completion"], _bench(B5)["seed"]["trainer_side_s_per_completion"],
+        _bench(B5)["seed-trl"]["step_s"], _bench(B5)["seed"]["step_s"],
+        _bench(B5)["seed-trl"]["peak_allocated_gib"], _bench(B5)["seed"]["peak_allocated_gib"])),
+    (GUIDE, B5, lambda: "| {:.3f} → {:.3f} | {:.2f} → {:.2f} | {:.1f} → {:.1f} GiB |".format(
+        _bench(B5)["tuned-trl"]["trainer_side_s_per_completion"], _bench(B5)["tuned"]["trainer_side_s_per_completion"],
+        _bench(B5)["tuned-trl"]["step_s"], _bench(B5)["tuned"]["step_s"],
+        _bench(B5)["tuned-trl"]["peak_allocated_gib"], _bench(B5)["tuned"]["peak_allocated_gib"])),
+    (GUIDE, B5, lambda: "({:.2f} GiB held at once instead of {:.2f} GiB".format(
+        _sync("seed", "layerwise", "gathered_at_handoff_gib"), _sync("seed", "trl", "gathered_at_handoff_gib"))),
+    (GUIDE, B5, lambda: "{:.2f}× TRL's for the seed, {:.2f}× for".format(_b5_side("seed"), _b5_side("tuned"))),
+    (GUIDE, F3, lambda: "| the seed's flags | {:.1f} | {:.2f} | {:.1f} % ({:.1f} %)".format(
+        _bench(B3)["seed"]["step_s"], _bench(B3)["seed"]["samples_per_s"], 100 * _fig("seed")["train_mfu"],
+        100 * _fig("seed")["train_hfu"])),
+    (GUIDE, "cpu-results/faults.json", lambda: "`accelerate launch` itself exits with {}".format(next(
+        r for r in _raw("cpu-results/faults.json")["rows"] if r["fault"] == "SIGTERM mid-step")["launcher_exit_status"])),
+    # the guide's Multi-node section: the torchrun + --deepspeed JSON route on 2 GPUs (issue 10, item 2)
+    (GUIDE, "bench-results/torchrun-deepspeed-json-3b-2xh200.json", lambda: "3 steps in {} s, {:,} MiB peak per GPU".format(
+        ", ".join(f"{s:.1f}" for s in _raw("bench-results/torchrun-deepspeed-json-3b-2xh200.json")["step_time_s"]),
+        max(_raw("bench-results/torchrun-deepspeed-json-3b-2xh200.json")["nvidia_smi_peak_mib"].values()))),
 ]
 
 # Numbers that had no raw file and were taken out; they must not come back without one.

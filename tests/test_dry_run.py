@@ -93,9 +93,9 @@ def test_dry_run_never_prints_the_hf_token(seed_dry_run, hf_token):
 
 
 def test_dry_run_resumes_from_the_flexai_input_checkpoint(run_script, weightless_model, tmp_path):
-    ckpt = tmp_path / "input" / "checkpoint-12"
-    ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text('{"global_step": 12}')
+    from test_resume import make_checkpoint  # whole: resume checks every file of a checkpoint (checkpoints.py)
+
+    ckpt = make_checkpoint(tmp_path / "input" / "checkpoint-12", 12, processes=2)
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--max_steps", "3", "--dry_run"]
     proc = run_script(argv, env={"FLEXAI_INPUT_CHECKPOINT_DIR": tmp_path / "input"})
     assert proc.returncode == 0, proc.stderr[-3000:]

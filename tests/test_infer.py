@@ -72,3 +72,39 @@ def test_bad_inputs(merged_and_image, kwargs, message):
     args = dict(image=str(image), question="How many?") | kwargs
     with pytest.raises(ValueError, match=message):
         infer.answer(str(merged), args["image"], args["question"])
+
+
+# ---- --endpoint: an OpenAI-compatible server (tests/test_serve.py runs a real one) ----------------------------------
+
+
+def test_endpoint_prompt_is_the_training_prompt_with_the_image_first(tmp_path):
+    from data import make_prompt
+    from rewards import SYSTEM_PROMPT
+
+    rows = make_synthetic_rows(1, seed=0)
+    rows["image"][0].save(tmp_path / "i.png")
+    url = infer.image_data_url(str(tmp_path / "i.png"))
+    assert url.startswith("data:image/png;base64,")
+    import base64
+
+    assert base64.b64decode(url.split(",", 1)[1]) == (tmp_path / "i.png").read_bytes()
+    system, user = make_prompt("How many?", SYSTEM_PROMPT)
+    assert infer.endpoint_messages("How many?", url) == [
+        system, {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": user["content"]}]}]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--endpoint", "http://127.0.0.1:9", "--image", "experiments/vlm-grpo/samples/number.png", "--question", "q"],
+     "error: cannot reach http://127.0.0.1:9/v1/models"),
+    (["--endpoint", "http://127.0.0.1:9", "--image", "missing.png", "--question", "q"], "error: cannot read --image"),
+    (["--image", "x.png", "--question", "q"], "give one of --model"),
+    (["--model", "m", "--endpoint", "http://e", "--image", "x.png", "--question", "q"], "give one of --model"),
+    (["--endpoint", "http://e", "--adapter", "a", "--image", "x.png", "--question", "q"], "--adapter needs --model"),
+])
+def test_endpoint_bad_inputs_are_one_line(args, message):
+    proc = subprocess.run([sys.executable, "scripts/infer.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr

@@ -11,10 +11,22 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from flexai_stub import DEFAULT_SECRET, REPO, SECRET_PLACEHOLDER, SEED_ARGV, block_commands, run_make, shell_blocks
+from flexai_stub import (
+    DEFAULT_SECRET,
+    REPO,
+    SECRET_PLACEHOLDER,
+    SEED_ARGV,
+    block_commands,
+    make_dataset_dir,
+    make_ready_model_dir,
+    run_make,
+    run_make_with_local_inputs,
+    shell_blocks,
+)
 
 MAKEFILE = REPO / "Makefile"
 SEED_DOC = REPO.parent / "shared" / "seed" / "vlm-grpo-flexai.md"
@@ -92,48 +104,82 @@ def test_accels_one_also_overrides_the_config(tmp_path):
     assert launch[:5] == ["accelerate", "launch", "--config_file=code/vlm-grpo/deepspeed_zero3.yaml", "--num_processes", "1"]
 
 
-def test_multi_node_is_refused_with_one_line(tmp_path):
-    run = run_make(tmp_path, "flexai-train", "NODES=2")
-    assert_one_line_error(run, "NODES=2", "multi-node", "README")
+# ---- multi-node: FlexAI's torchrun on every node, the bare script, ZeRO-3 from the DeepSpeed JSON -------------------
 
 
-@pytest.mark.parametrize("bad", ["ACCELS=0", "ACCELS=two", "NODES=-1"])
+def test_multi_node_runs_the_bare_script_with_the_deepspeed_json(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-train", "NODES=2", "ACCELS=8"))
+    seed = with_secret(SEED_ARGV, DEFAULT_SECRET)
+    expected_flags = seed[: seed.index("--")]
+    expected_flags[expected_flags.index("--nodes") + 1 : expected_flags.index("--accels") + 2] = ["2", "--accels", "8"]
+    assert argv[: argv.index("--")] == expected_flags
+    script_args = entry(seed)[entry(seed).index("code/vlm-grpo/grpo_vlm.py") + 1 :]
+    # FlexAI's CLI wraps a plain-script entry in torchrun itself, which reads no accelerate yaml
+    assert entry(argv) == ["code/vlm-grpo/grpo_vlm.py", "--deepspeed", "code/vlm-grpo/deepspeed_zero3.json", *script_args]
+
+
+def test_multi_node_resume_and_args_keep_their_places(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-resume", "CKPT=c1", "NODES=4", "ACCELS=2", "ARGS=--max_steps 9"))
+    assert entry(argv)[:3] == ["code/vlm-grpo/grpo_vlm.py", "--deepspeed", "code/vlm-grpo/deepspeed_zero3.json"]
+    assert entry(argv)[-4:] == ["--resume", "require", "--max_steps", "9"]
+
+
+def test_info_explains_the_multi_node_route(tmp_path):
+    run = run_make(tmp_path, "info", "NODES=2", "ACCELS=8")
+    assert run.returncode == 0, run.stderr
+    launcher = re.search(r"^  launcher +(.*)$", run.stdout, re.M).group(1)
+    assert "torchrun" in launcher and "code/vlm-grpo/deepspeed_zero3.json" in launcher
+    assert re.search(r"^  processes +16 ", run.stdout, re.M)
+    assert "accelerate launch" in re.search(r"^  launcher +(.*)$", run_make(tmp_path / "one", "info").stdout, re.M).group(1)
+
+
+@pytest.mark.parametrize("bad", ["ACCELS=0", "ACCELS=two", "NODES=-1", "NODES=0", "NODES=1.5", "ACCELS=2x"])
 def test_non_numeric_counts_are_refused(tmp_path, bad):
     assert_one_line_error(run_make(tmp_path, "flexai-train", bad), "positive integers")
 
 
-def test_knob_overrides_land_in_their_flags(tmp_path):
-    run = run_make(
-        tmp_path, "flexai-train",
-        "NAME=my-job", "SECRET=my-hf", "MODEL=Qwen/Qwen2.5-VL-7B-Instruct", "RUNTIME=other-runtime",
-        "REPO_URL=https://github.com/me/fork", "REVISION=my-branch",
-    )
-    argv = only_flexai_call(run)
-    assert argv[:14] == [
-        "training", "run", "my-job",
-        "--repository-url", "https://github.com/me/fork", "--repository-revision", "my-branch",
-        "--requirements-path", "code/vlm-grpo/requirements.txt",
-        "--secret", "HF_TOKEN=my-hf", "--runtime", "other-runtime", "--nodes",
-    ]
-    launch = entry(argv)
-    assert launch[launch.index("--model_name_or_path") + 1] == "Qwen/Qwen2.5-VL-7B-Instruct"
-    assert launch[launch.index("--output_dir") + 1] == "/output-checkpoint/grpo-Qwen2.5-VL-7B-Instruct"
+@pytest.mark.parametrize("knobs, fragments", [
+    # 3 processes x 8 completions each = 24 completions, groups of 16: TRL's GRPOConfig refuses it at start-up
+    (("NODES=3", "ACCELS=1", "ARGS=--num_generations 16"), ("3 processes", "24 completions", "--num_generations 16")),
+    (("NODES=2", "ACCELS=3", "ARGS=--per_device_train_batch_size 2 --num_generations=8"), ("6 processes", "12 completions")),
+    (("NODES=2", "ACCELS=2", "ARGS=--generation_batch_size 36"), ("--generation_batch_size 36", "4 processes")),
+    (("NODES=2", "ACCELS=3", "ARGS=--vllm_tensor_parallel_size 4"), ("--vllm_tensor_parallel_size 4", "6 processes")),
+])
+def test_a_process_count_the_batch_cannot_split_is_refused(tmp_path, knobs, fragments):
+    assert_one_line_error(run_make(tmp_path, "flexai-train", *knobs), *fragments)
 
 
-def test_output_and_args_override(tmp_path):
-    run = run_make(tmp_path, "flexai-train", "OUTPUT=/output-checkpoint/run2", "ARGS=--max_steps 50 --learning_rate 2e-5")
-    launch = entry(only_flexai_call(run))
-    assert launch[launch.index("--output_dir") + 1] == "/output-checkpoint/run2"
-    # ARGS come last, so a repeated flag wins over the seed's value
-    seed_launch = entry(with_secret(SEED_ARGV, DEFAULT_SECRET))
-    seed_launch[seed_launch.index("--output_dir") + 1] = "/output-checkpoint/run2"
-    assert launch == seed_launch + ["--max_steps", "50", "--learning_rate", "2e-5"]
+@pytest.mark.parametrize("knobs", [
+    ("NODES=2", "ACCELS=8"),
+    ("NODES=3", "ACCELS=1", "ARGS=--num_generations 12"),  # 24 completions in groups of 12
+    ("NODES=2", "ACCELS=3", "ARGS=--per_device_train_batch_size 4 --steps_per_generation 2 --num_generations 8"),
+])
+def test_process_counts_that_split_are_accepted(tmp_path, knobs):
+    only_flexai_call(run_make(tmp_path, "flexai-train", *knobs))
 
 
-def test_values_with_shell_characters_reach_flexai_intact(tmp_path):
-    argv = only_flexai_call(run_make(tmp_path, "flexai-train", "NAME=it's a job", "SECRET=a&b"))
-    assert argv[2] == "it's a job"
-    assert argv[argv.index("--secret") + 1] == "HF_TOKEN=a&b"
+def test_the_split_rule_is_trls(tmp_path, monkeypatch):
+    """The Makefile's arithmetic against GRPOConfig itself: TRL refuses exactly the settings make refuses."""
+    from trl import GRPOConfig
+
+    def trl_accepts(world_size: int, **kwargs) -> bool:
+        # the world size torchrun would give NODES x ACCELS processes
+        monkeypatch.setattr(GRPOConfig, "world_size", property(lambda self: world_size))
+        try:
+            GRPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to=[], **kwargs)
+        except ValueError:
+            return False
+        return True
+
+    cases = [(3, {"num_generations": 16}), (3, {"num_generations": 12}), (6, {"per_device_train_batch_size": 2}),
+             (4, {"generation_batch_size": 36}), (4, {"generation_batch_size": 64})]
+    verdicts = []
+    for world, args in cases:
+        flags = " ".join(f"--{k} {v}" for k, v in args.items())
+        run = run_make(tmp_path / str(len(verdicts)), "flexai-train", f"NODES={world}", "ACCELS=1", f"ARGS={flags}")
+        verdicts.append(run.returncode == 0)
+        assert verdicts[-1] == trl_accepts(world, **args), (world, args, run.stderr)
+    assert True in verdicts and False in verdicts  # both outcomes compared
 
 
 # ---- resume, monitoring, checkpoints ------------------------------------------------------------------------------
@@ -146,7 +192,12 @@ def test_flexai_resume_is_the_training_command_plus_the_checkpoint(tmp_path):
     dash = argv.index("--")
     assert argv[dash - 2 : dash] == ["--checkpoint", "3784735b-d7c6"]
     assert argv[3 : dash - 2] == train[3 : train.index("--")]
-    assert entry(argv) == entry(train)
+    # the job was started to resume: the script must find the checkpoint or fail, never start fresh
+    assert entry(argv) == entry(train) + ["--resume", "require"]
+
+
+def test_flexai_train_never_asks_to_resume(tmp_path):
+    assert "--resume" not in only_flexai_call(run_make(tmp_path, "flexai-train"))
 
 
 def test_flexai_resume_follows_accels(tmp_path):
@@ -177,6 +228,28 @@ def test_flexai_fetch(tmp_path):
     assert only_flexai_call(run_make(tmp_path, "flexai-fetch", "CKPT=abc-123")) == ["checkpoint", "fetch", "abc-123"]
 
 
+def test_flexai_bench_runs_the_benchmark_on_the_runtime(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-bench"))
+    assert argv[:3] == ["training", "run", "vlm-grpo-training-bench"]
+    assert argv[argv.index("--runtime") + 1] == "pytorch-28-vllm-0110-nvidia"
+    assert argv[argv.index("--accels") + 1] == "2"
+    job = entry(argv)
+    assert job[:4] == ["python3", "scripts/bench.py", "--out", "/tmp/bench"]
+    assert "--configs" in job and "--steps" in job
+    # the job's arguments are ones bench.py accepts (its own parser, not a copy of it)
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--help"], capture_output=True,
+                           text=True, timeout=60)
+    for flag in (a for a in job[2:] if a.startswith("--")):
+        assert flag in check.stdout, f"bench.py has no {flag}"
+
+
+def test_flexai_bench_knobs_and_refusals(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # the stub records per folder
+    job = entry(only_flexai_call(run_make(tmp_path / "a", "flexai-bench", "BENCH_JOB_ARGS=--configs seed --steps 1")))
+    assert job[4:] == ["--configs", "seed", "--steps", "1"]
+    assert_one_line_error(run_make(tmp_path / "b", "flexai-bench", "NODES=2"), "NODES=2", "one node")
+
+
 @pytest.mark.parametrize("target", ["flexai-resume", "flexai-fetch"])
 def test_missing_ckpt_is_one_line_and_runs_nothing(tmp_path, target):
     assert_one_line_error(run_make(tmp_path, target), "CKPT is not set", f"make {target} CKPT=")
@@ -184,14 +257,139 @@ def test_missing_ckpt_is_one_line_and_runs_nothing(tmp_path, target):
 
 @pytest.mark.parametrize(
     "target", ["flexai-connect", "flexai-secret", "flexai-train", "flexai-resume", "flexai-inspect",
-               "flexai-logs", "flexai-checkpoints", "flexai-fetch"],
+               "flexai-logs", "flexai-checkpoints", "flexai-fetch", "flexai-dataset-push", "flexai-checkpoint-push",
+               "flexai-serve", "flexai-endpoint", "flexai-bench"],
 )
 def test_missing_cli_is_one_line_and_runs_nothing(tmp_path, target):
     path_tail = "/usr/bin:/bin"
     if shutil.which("flexai", path=path_tail):
         pytest.skip("a real flexai CLI is installed in /usr/bin or /bin")
-    run = run_make(tmp_path, target, "CKPT=x", tools=("docker",), path_tail=path_tail)
+    run = run_make(tmp_path, target, "CKPT=x", "DATASET=d", "DIR=d", tools=("docker",), path_tail=path_tail)
     assert_one_line_error(run, "`flexai` CLI not found", "https://docs.flex.ai/cli/")
+
+
+# ---- datasets, trackers, job environment -----------------------------------------------------------------------
+
+
+def test_dataset_mounts_and_points_the_script_at_it(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-train", "DATASET=my-vqa"))
+    dash = argv.index("--")
+    assert argv[dash - 2 : dash] == ["--dataset", "my-vqa"]
+    launch = entry(argv)
+    assert launch[-2:] == ["--dataset_name", "/input/my-vqa"]  # FlexAI mounts a dataset at /input/<name>
+    assert entry(only_flexai_call(run_make(tmp_path / "args", "flexai-train", "DATASET=d", "ARGS=--max_steps 5")))[-4:] \
+        == ["--dataset_name", "/input/d", "--max_steps", "5"]  # ARGS still last
+
+
+def test_wandb_comes_from_a_secret_by_name_and_turns_reporting_on(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-train", "WANDB_SECRET=wandb-key"))
+    flags = argv[: argv.index("--")]
+    assert [flags[i + 1] for i, a in enumerate(flags) if a == "--secret"] == ["HF_TOKEN=hf-token", "WANDB_API_KEY=wandb-key"]
+    assert entry(argv)[-2:] == ["--report_to", "wandb"]
+    assert "--report_to" not in only_flexai_call(run_make(tmp_path / "default", "flexai-train"))
+
+
+@pytest.mark.parametrize("knobs, expected", [((), []), (("WANDB_SECRET=w",), ["wandb"])])
+def test_the_jobs_trackers_as_the_script_parses_them(tmp_path, knobs, expected):
+    """The seed's command leaves --report_to unset, which transformers reads as every installed tracker: the script
+    turns that into none, and WANDB_SECRET into wandb (the arguments of the job's entry, parsed by grpo_vlm.py)."""
+    import grpo_vlm
+
+    launch = entry(only_flexai_call(run_make(tmp_path, "flexai-train", *knobs)))
+    script_args = launch[launch.index("code/vlm-grpo/grpo_vlm.py") + 1 :]
+    script_args[script_args.index("--output_dir") + 1] = str(tmp_path / "out")
+    assert grpo_vlm.parse_args(script_args)[1].report_to == expected
+
+
+def test_env_words_become_env_flags(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-train", "ENV=WANDB_PROJECT=vlm-grpo WANDB_ENTITY=my"))
+    flags = argv[: argv.index("--")]
+    assert [flags[i + 1] for i, a in enumerate(flags) if a == "--env"] == ["WANDB_PROJECT=vlm-grpo", "WANDB_ENTITY=my"]
+
+
+def test_env_flags_in_order(tmp_path):
+    argv = only_flexai_call(run_make(tmp_path, "flexai-resume", "CKPT=c", "ENV=A=1 B=x=y TOKENIZERS_PARALLELISM=false"))
+    flags = argv[: argv.index("--")]
+    assert [flags[i + 1] for i, a in enumerate(flags) if a == "--env"] == ["A=1", "B=x=y", "TOKENIZERS_PARALLELISM=false"]
+
+
+@pytest.mark.parametrize("env, fragments", [
+    ("WANDB_API_KEY=wk-SecretValue1", ("ENV sets WANDB_API_KEY", "FlexAI secret", "WANDB_SECRET=")),
+    ("HF_TOKEN=hf_SecretValue2", ("ENV sets HF_TOKEN", "FlexAI secret")),
+    ("A=1 aws_secret_access_key=SecretValue3", ("ENV sets aws_secret_access_key",)),
+    ("novalue", ("K=V", "novalue")),
+])
+def test_bad_env_is_one_line_and_never_echoes_a_value(tmp_path, env, fragments):
+    for target in ("flexai-train", "info"):  # info would print the ENV knob's value
+        run = run_make(tmp_path / target, target, f"ENV={env}")
+        assert_one_line_error(run, *fragments)
+        assert "SecretValue" not in run.stdout + run.stderr
+
+
+def test_dataset_push_checks_the_folder_with_the_scripts_loader_then_pushes(tmp_path):
+    folder = make_dataset_dir(tmp_path / "my data")
+    argv = only_flexai_call(run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=my-vqa"))
+    assert argv == ["dataset", "push", "my-vqa", "--file", str(folder)]
+
+
+@pytest.mark.parametrize("setup, fragments", [
+    (lambda p: make_dataset_dir(p / "d", drop=("solution",)), ("missing column(s) ['solution']",)),
+    (lambda p: p / "absent", ("no such file or folder",)),
+    (lambda p: (p / "empty").mkdir() or p / "empty", ("no dataset found",)),
+])
+def test_dataset_push_refuses_what_training_would_refuse(tmp_path, setup, fragments):
+    folder = setup(tmp_path)
+    run = run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=x")
+    assert_one_line_error(run, f"DIR={folder} cannot be pushed", *fragments)
+
+
+@pytest.mark.parametrize("knobs, fragment", [(("DIR=x",), "DATASET is not set"), (("DATASET=x",), "DIR is not set")])
+def test_dataset_push_needs_both_knobs(tmp_path, knobs, fragment):
+    assert_one_line_error(run_make(tmp_path, "flexai-dataset-push", *knobs), fragment)
+
+
+# ---- checkpoint to endpoint ----------------------------------------------------------------------------------------
+
+
+def test_checkpoint_push_uploads_an_inference_ready_folder(tmp_path):
+    folder = make_ready_model_dir(tmp_path / "merged")
+    argv = only_flexai_call(run_make(tmp_path, "flexai-checkpoint-push", f"MERGED={folder}"))
+    assert argv == ["checkpoint", "push", "vlm-grpo-training-merged", "--file", str(folder)]
+    argv = only_flexai_call(run_make(tmp_path / "named", "flexai-checkpoint-push", f"MERGED={folder}", "CKPT_NAME=v2"))
+    assert argv[2] == "v2"
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda p: make_ready_model_dir(p, architectures=False), "has no `architectures`"),
+    (lambda p: make_ready_model_dir(p, drop=("chat_template.jinja",)), "no chat template"),
+    (lambda p: make_ready_model_dir(p, drop=("preprocessor_config.json",)), "preprocessor_config.json"),
+    (lambda p: (make_ready_model_dir(p) / "adapter_config.json").write_text("{}") and p, "LoRA adapter"),
+    (lambda p: p / "absent", "no such folder"),
+])
+def test_checkpoint_push_refuses_a_folder_that_is_not_inference_ready(tmp_path, setup, fragment):
+    folder = setup(tmp_path / "m")
+    assert_one_line_error(run_make(tmp_path, "flexai-checkpoint-push", f"MERGED={folder}"), fragment)
+
+
+@pytest.mark.parametrize("target, call", [
+    ("flexai-serve", ["inference", "serve", "vlm-grpo-training-endpoint", "--checkpoint", "vlm-grpo-training-merged"]),
+    ("flexai-endpoint", ["inference", "inspect", "vlm-grpo-training-endpoint"]),
+])
+def test_serve_and_endpoint_say_how_to_call_it(tmp_path, target, call):
+    run = run_make(tmp_path, target)
+    assert only_flexai_call(run) == call
+    lines = [line.strip() for line in run.stdout.splitlines()]
+    infer = next(line for line in lines if line.startswith("make infer"))
+    assert shlex.split(infer)[2].startswith("INFER_ARGS=--endpoint $ENDPOINT_URL --image ")
+    assert any(line.startswith("curl ") and "$FLEXAI_API_KEY" in line for line in lines)
+    python = next(line for line in lines if line.startswith("python -c"))
+    compile(shlex.split(python)[2], "<printed>", "exec")  # the printed client line is valid Python
+
+
+def test_serve_knobs(tmp_path):
+    assert only_flexai_call(run_make(tmp_path, "flexai-serve", "ENDPOINT=ep", "CKPT_NAME=ck")) == \
+        ["inference", "serve", "ep", "--checkpoint", "ck"]
+    assert only_flexai_call(run_make(tmp_path / "e", "flexai-endpoint", "ENDPOINT=ep")) == ["inference", "inspect", "ep"]
 
 
 # ---- secrets -------------------------------------------------------------------------------------------------------
@@ -211,6 +409,15 @@ def test_no_target_prints_a_token_from_the_environment(tmp_path):
     token = "hf_EnvTokenMustStayHidden"
     for target in ("info", "flexai-train", "help"):
         run = run_make(tmp_path / target, target, env_extra={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
+        assert run.returncode == 0, run.stderr
+        recorded = "".join("\n".join(args) for _, args in run.calls)
+        assert token not in run.stdout + run.stderr + recorded
+
+
+def test_wandb_key_from_the_environment_is_never_printed_or_passed(tmp_path):
+    token = "wk_EnvWandbKeyMustStayHidden"
+    for target in ("info", "flexai-train", "flexai-serve"):
+        run = run_make(tmp_path / target, target, "WANDB_SECRET=wandb-key", env_extra={"WANDB_API_KEY": token})
         assert run.returncode == 0, run.stderr
         recorded = "".join("\n".join(args) for _, args in run.calls)
         assert token not in run.stdout + run.stderr + recorded
@@ -278,6 +485,28 @@ def test_info_command_line_is_what_flexai_train_runs(tmp_path):
     printed = info.stdout.split("make flexai-train runs:\n", 1)[1].strip()
     train = run_make(tmp_path / "train", "flexai-train", "ACCELS=4", "SECRET=<x>")
     assert shlex.split(printed)[1:] == only_flexai_call(train)
+
+
+# ---- README.md's "Run it on FlexAI" commands ---------------------------------------------------------------------
+
+
+def readme_make_commands() -> list[list[str]]:
+    section = (REPO / "README.md").read_text().split("## Run it on FlexAI", 1)[1].split("\n## ", 1)[0]
+    return [c for b in shell_blocks(section) for c in block_commands(b) if c[0] == "make"]
+
+
+def test_readme_flexai_commands_run_as_written(tmp_path):
+    commands = readme_make_commands()
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):.*## ", MAKEFILE.read_text(), re.M))
+    assert {"flexai-dataset-push", "flexai-checkpoint-push", "flexai-serve"} <= {c[1] for c in commands}
+    for i, argv in enumerate(commands):
+        target, knobs = argv[1], [a for a in argv[2:] if "=" in a]
+        assert target in targets and {k.split("=", 1)[0] for k in knobs} <= set(knob_names()), argv
+        if target.startswith("flexai-"):
+            run = run_make_with_local_inputs(tmp_path / str(i), target, *knobs, stdin="hf_placeholder_value\n")
+            assert run.returncode == 0 and len(run.argv("flexai")) == 1, (argv, run.stderr)
+        else:
+            assert run_make(tmp_path / str(i), "-n", target, *knobs, tools=()).returncode == 0, argv
 
 
 # ---- Docker targets ----------------------------------------------------------------------------------------------

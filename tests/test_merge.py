@@ -138,3 +138,37 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: adapter path")
     assert "Traceback" not in proc.stderr
+
+
+# ---- inference ready: what FlexAI serves (`make flexai-checkpoint-push` runs the same check) ----------------------
+
+
+def test_merged_folder_is_inference_ready(merged):
+    out, info = merged
+    assert info["inference_ready"] is True
+    assert merge_lora.inference_ready_problems(out) == []
+
+
+@pytest.mark.parametrize("breakage, fragment", [
+    (lambda d: (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items()
+                                                          if k != "architectures"})), "has no `architectures`"),
+    (lambda d: (d / "chat_template.jinja").unlink(), "no chat template"),
+    (lambda d: (d / "preprocessor_config.json").unlink(), "image processor is missing"),
+    (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+], ids=["architectures", "chat-template", "processor", "weights"])
+def test_check_inference_ready_names_what_is_missing_in_one_line(merged, tmp_path, breakage, fragment):
+    broken = shutil.copytree(merged[0], tmp_path / "broken")
+    breakage(broken)
+    proc = subprocess.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(broken)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert len(proc.stdout.splitlines()) == 1 and fragment in proc.stdout
+    ready = subprocess.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(merged[0])],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ready.stdout == ""
+
+
+def test_the_tiny_base_itself_is_not_inference_ready(tiny_model):
+    # transformers 4.57 drops `architectures` from a Qwen2.5-VL config.json it saves (restore_config_keys): the
+    # check is not hypothetical, the tiny model's own folder lacks it and FlexAI would not serve it
+    assert any("architectures" in p for p in merge_lora.inference_ready_problems(tiny_model))

@@ -159,7 +159,8 @@ def test_kill_after_first_checkpoint_then_resume(tiny_model, tmp_path):
                                  start_new_session=True, text=True)
     deadline = time.time() + 300
     try:
-        # trainer_state.json is the last file a checkpoint gets: once it exists, the checkpoint is complete.
+        # checkpoint-1 only appears once whole (written as .partial-checkpoint-1/, renamed after every process wrote
+        # its files: checkpoints.CrashConsistentSaveMixin); test_faults.py kills runs in the middle of saves.
         while not (out / "checkpoint-1" / "trainer_state.json").exists():
             assert first.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
             assert time.time() < deadline, f"no checkpoint within 300 s:\n{log.read_text()[-4000:]}"

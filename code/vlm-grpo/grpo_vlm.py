@@ -20,6 +20,12 @@ Offline, on CPU (what `make smoke` runs; the tiny model comes from scripts/make_
         --max_prompt_length 2048 --max_completion_length 1024 \\
         --use_peft --lora_target_modules "q_proj" "v_proj" --log_completions --logging_steps 200
 
+Several nodes (`make flexai-train NODES=2 ACCELS=8`): FlexAI starts the bare script with torchrun on every node, so the
+same ZeRO-3 settings come from the DeepSpeed JSON instead of the accelerate yaml (tests/test_multinode.py runs it):
+
+    torchrun --nnodes 2 --nproc_per_node 8 ... code/vlm-grpo/grpo_vlm.py \\
+        --deepspeed code/vlm-grpo/deepspeed_zero3.json <the arguments above>
+
 Add `--dry_run` to either to check arguments, data, processor and batch arithmetic without loading weights.
 """
 
@@ -37,10 +43,22 @@ from pathlib import Path
 # Sibling modules (data, rewards, ...) import as top-level modules, whichever directory the script runs from.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import TrainerCallback  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 
+from checkpoints import (  # noqa: E402
+    RESUME_MODES,
+    RUN_ARGS,
+    CheckpointError,
+    GracefulStop,
+    check_explicit_checkpoint,
+    choose_checkpoint,
+    describe_folder,
+    holds_a_run,
+    move_run_aside,
+    read_signature,
+    signature_diff,
+    training_signature,
+)
 from data import (  # noqa: E402
     IMAGE_POLICIES,
     DatasetError,
@@ -134,9 +152,39 @@ class VLMGRPOScriptArguments(ScriptArguments):
             "the upstream loop."
         },
     )
+    vllm_fast_paths: bool = field(
+        default=True,
+        metadata={
+            "help": "With --use_vllm: take the importance-sampling ratio from the loss forward instead of TRL's extra "
+            "no-grad forward, where the policy cannot change between generation and loss; sync weights into vLLM "
+            "one block at a time instead of gathering the whole model; preprocess each distinct image once per "
+            "rollout (fast_paths.py; equal results, tests/test_fast_paths.py). --no_vllm_fast_paths restores TRL's "
+            "paths."
+        },
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: resume from the newest whole trainer checkpoint in FLEXAI_INPUT_CHECKPOINT_DIR or "
+            "--output_dir, else start at step 0; require: the same, but stop at once (listing what the folders hold) "
+            "when there is none (`make flexai-resume`); continue: like require, and accept arguments that differ from "
+            "the saved run's (otherwise refused with the difference); fresh: start at step 0, moving an earlier run "
+            "in --output_dir into <output_dir>/previous-K (nothing is deleted).",
+            "choices": list(RESUME_MODES),
+        },
+    )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from the checkpoint's adapter weights, step count and LR schedule with a fresh optimizer: "
+            "the way to continue a run on another process count (ZeRO-3 optimizer shards are per process)."
+        },
+    )
 
     def __post_init__(self):
         # argparse checks `choices` on the command line only; a --config YAML value arrives unchecked.
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(f"--resume must be one of {list(RESUME_MODES)}, got {self.resume!r}")
         if self.image_policy not in IMAGE_POLICIES:
             raise ConfigError(f"--image_policy must be one of {list(IMAGE_POLICIES)}, got {self.image_policy!r}")
         if self.max_image_side is not None and self.max_image_side < 0:
@@ -157,6 +205,10 @@ def make_parser() -> TrlParser:
         parser.set_defaults(bf16=False)
         if os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
             os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    # transformers 4.57 reads an unset --report_to as "all": every tracker installed in the image. One that needs a
+    # login (wandb without WANDB_API_KEY has no terminal to ask on in a job) would stop the run after the model loaded,
+    # so trackers are opt-in: `--report_to wandb` (`make flexai-train WANDB_SECRET=<name>` adds it).
+    parser.set_defaults(report_to="none")
     if os.environ.get("FLEXAI_OUTPUT_CHECKPOINT_DIR"):
         # FlexAI mounts a persisted folder here; an explicit --output_dir still wins.
         parser.set_defaults(output_dir=os.environ["FLEXAI_OUTPUT_CHECKPOINT_DIR"])
@@ -242,6 +294,12 @@ def validate_args(script_args, training_args, model_args) -> None:
         raise ConfigError(
             "ZeRO-3 with zero3_save_16bit_model: false saves an empty LoRA adapter (trl#4416, peft#2892). "
             "Set `zero3_save_16bit_model: true` in the accelerate config (code/vlm-grpo/deepspeed_zero3.yaml has it)."
+        )
+    plugin = getattr(training_args, "deepspeed_plugin", None)  # --deepspeed JSON: torchrun, the multi-node route
+    if training_args.deepspeed and model_args.use_peft and plugin and plugin.zero_stage == 3 and not plugin.zero3_save_16bit_model:
+        raise ConfigError(
+            f"--deepspeed {training_args.deepspeed}: ZeRO-3 without stage3_gather_16bit_weights_on_model_save saves an "
+            "empty LoRA adapter (trl#4416, peft#2892). Set it to true (code/vlm-grpo/deepspeed_zero3.json has it)."
         )
     if script_args.eval_fraction < 0 or script_args.eval_fraction >= 1:
         raise ConfigError(f"--eval_fraction must be in [0, 1), got {script_args.eval_fraction}")
@@ -346,8 +404,7 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
     if training_args.use_vllm and training_args.vllm_max_model_length is None and script_args.max_prompt_length:
         # vLLM otherwise sizes for the model's 128k context; the run never needs more than prompt + completion.
         training_args.vllm_max_model_length = script_args.max_prompt_length + training_args.max_completion_length
-    if training_args.resume_from_checkpoint is None:
-        training_args.resume_from_checkpoint = find_resume_checkpoint(training_args.output_dir)
+    resolve_resume(script_args, training_args, model_args)
     if processor is not None:
         # The ban is merged into the user's own generation kwargs: a user `suppress_tokens`/`bad_words` adds to it.
         kwargs = dict(training_args.generation_kwargs or {})
@@ -356,21 +413,99 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
         training_args.generation_kwargs = kwargs
 
 
-def find_resume_checkpoint(output_dir: str | None) -> str | None:
-    """A trainer checkpoint to resume from: FlexAI's input checkpoint (`--checkpoint` of `flexai training run`)
-    first, then the newest `checkpoint-*` in output_dir (a restarted job continues where it stopped)."""
-    flexai_dir = os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR")
-    for folder in (flexai_dir, output_dir):
-        if not folder or not Path(folder).is_dir():
-            continue
-        if (Path(folder) / "trainer_state.json").exists():
-            return str(folder)
-        last = get_last_checkpoint(folder)
-        if last:
-            return last
-        if folder == flexai_dir:
-            logger.warning("FLEXAI_INPUT_CHECKPOINT_DIR=%s holds no trainer checkpoint: starting fresh", folder)
-    return None
+def find_resume_checkpoint(output_dir: str | None, world_size: int | None = None, deepspeed: bool | None = None):
+    """The newest whole trainer checkpoint across FlexAI's input checkpoint (`--checkpoint` of `flexai training run`,
+    mounted at FLEXAI_INPUT_CHECKPOINT_DIR in any layout: root, checkpoint-N/, <name>/..., grpo-.../checkpoint-N)
+    and output_dir's checkpoint-N (a restarted job continues where it stopped), or None. Damaged ones are skipped
+    with one warning each (checkpoints.checkpoint_problem)."""
+    choice = choose_checkpoint(output_dir, os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR"), world_size, deepspeed)
+    for skipped in choice.skipped:
+        logger.warning("skipping a damaged checkpoint: %s", skipped)
+    return choice.path
+
+
+def uses_deepspeed(training_args) -> bool:
+    return bool(getattr(training_args, "deepspeed", None) or getattr(training_args, "deepspeed_plugin", None)
+                or _zero_stage() is not None)
+
+
+def resolve_resume(script_args, training_args, model_args) -> None:
+    """Sets training_args.resume_from_checkpoint (and whether it is weights only) from --resume, once for all
+    processes: the first process decides (and may move an old run aside), the others receive its decision, so every
+    process resumes the same checkpoint or fails with the same line."""
+    import torch.distributed as dist
+
+    distributed = training_args.world_size > 1 and dist.is_available() and dist.is_initialized()
+    decision = None
+    if not distributed or training_args.process_index == 0:
+        try:
+            decision = decide_resume(script_args, training_args, model_args)
+        except (CheckpointError, ConfigError) as err:
+            decision = {"error": str(err)}
+    if distributed:
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    if decision.get("error"):
+        raise ConfigError(decision["error"])
+    training_args.resume_from_checkpoint = decision["path"]
+    script_args.resume_weights_only = decision["weights_only"]
+
+
+def decide_resume(script_args, training_args, model_args) -> dict:
+    """{"path", "weights_only"}: what --resume, the folders and the saved arguments say; raises with one line."""
+    mode, out = script_args.resume, training_args.output_dir
+    input_dir = os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR")
+    # A dry run is not launched like the job (one process, no DeepSpeed): it does not check the process count.
+    world_size = None if script_args.dry_run else training_args.world_size
+    deepspeed = None if script_args.dry_run else uses_deepspeed(training_args)
+    current = training_signature(script_args, training_args, model_args)
+    weights_only = script_args.resume_weights_only
+    if weights_only and not model_args.use_peft:
+        raise ConfigError("--resume_weights_only loads a checkpoint's LoRA adapter: it needs --use_peft (a full "
+                          "fine-tuning checkpoint must be resumed with the same process count)")
+    if training_args.resume_from_checkpoint:  # the user named it: checked, never replaced by another
+        if mode == "fresh":
+            raise ConfigError("--resume fresh with --resume_from_checkpoint: choose one")
+        choice = check_explicit_checkpoint(training_args.resume_from_checkpoint, world_size, deepspeed, weights_only)
+        diff = signature_diff(read_signature(choice.path) or {}, current)
+        logger.info("resuming from %s (step %s%s)%s", choice.path, choice.step,
+                    ", weights only" if choice.weights_only or weights_only else "",
+                    f"; changed arguments: {diff}" if diff else "")
+        return {"path": choice.path, "weights_only": choice.weights_only or weights_only}
+    if mode == "fresh":
+        moved = None if script_args.dry_run else move_run_aside(out)
+        logger.info("--resume fresh: starting at step 0%s",
+                    f"; the earlier run in {out} moved to {moved}" if moved else "")
+        return {"path": None, "weights_only": False}
+    choice = choose_checkpoint(out, input_dir, world_size, deepspeed, weights_only)
+    for skipped in choice.skipped:
+        logger.warning("skipping a damaged checkpoint: %s", skipped)
+    fresh_hint = (f"--resume fresh to start at step 0 (the earlier run is moved to {out}/previous-K, nothing is "
+                  "deleted), or another --output_dir")
+    if choice.path is None:
+        if mode in ("require", "continue"):
+            skipped = f"; damaged: {'; '.join(choice.skipped)}" if choice.skipped else ""
+            raise ConfigError(f"--resume {mode}: no whole trainer checkpoint in FLEXAI_INPUT_CHECKPOINT_DIR="
+                              f"{describe_folder(input_dir)} nor in --output_dir {describe_folder(out)}{skipped}")
+        if input_dir:
+            logger.warning("FLEXAI_INPUT_CHECKPOINT_DIR=%s holds no whole trainer checkpoint: starting at step 0",
+                           input_dir)
+        saved = read_signature(out)
+        diff = signature_diff(saved, current) if saved and holds_a_run(out) else ""
+        if diff and not script_args.dry_run:
+            raise ConfigError(f"--output_dir {out} holds a run with other arguments ({diff}) and no checkpoint to "
+                              f"resume; starting over would overwrite its files: pass {fresh_hint}")
+        return {"path": None, "weights_only": False}
+    saved = read_signature(choice.path)
+    diff = signature_diff(saved, current) if saved else ""
+    if diff and mode != "continue":
+        raise ConfigError(f"{choice.path} (step {choice.step}) was trained with other arguments ({diff}): pass "
+                          f"--resume continue to resume it with the new ones, {fresh_hint}")
+    logger.info("resuming from %s (step %s%s)%s", choice.path, choice.step,
+                ", weights only: fresh optimizer" if choice.weights_only else "",
+                f"; changed arguments: {diff}" if diff else "")
+    return {"path": choice.path, "weights_only": choice.weights_only}
 
 
 # ---- stages -----------------------------------------------------------------------------------------------
@@ -453,17 +588,6 @@ def split_record(script_args, training_args, train_dataset, held_out) -> dict:
     }
 
 
-class SplitRecordCallback(TrainerCallback):
-    """Writes the split record next to every checkpoint, so a fetched `checkpoint-N` carries it too."""
-
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            write_split_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.record)
-
-
 def write_split_record(folder: Path, record: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPLIT_RECORD).write_text(json.dumps(record))
@@ -505,6 +629,7 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
         processing_class=processor,
         peft_config=peft_config,
         callbacks=callbacks,
+        fast_paths=script_args.vllm_fast_paths,
     )
 
 
@@ -616,16 +741,22 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
 
 
 def train(script_args, training_args, model_args, processor, callbacks=None):
-    """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer."""
+    """Load data, build the trainer, train (resuming where a checkpoint exists); returns the trainer, whose
+    `graceful_stop.signum` is set when SIGTERM/SIGINT stopped it early."""
     train_dataset, held_out, _ = load_datasets(script_args, training_args, processor)
     record = split_record(script_args, training_args, train_dataset, held_out)
+    signature = json.dumps(training_signature(script_args, training_args, model_args), indent=1)
     if training_args.process_index == 0:  # one plan per run, not one per process
         logger.info("plan: %s", json.dumps(batch_plan(training_args, len(train_dataset))))
         write_split_record(Path(training_args.output_dir), record)
-    if training_args.resume_from_checkpoint:
-        logger.info("resuming from %s", training_args.resume_from_checkpoint)
-    callbacks = [*(callbacks or []), SplitRecordCallback(record)]
+        (Path(training_args.output_dir) / RUN_ARGS).write_text(signature)
+    stop = GracefulStop()
+    callbacks = [*(callbacks or []), stop]
     trainer = build_trainer(script_args, training_args, model_args, processor, train_dataset, None, callbacks)
+    # written into every checkpoint before it gets its name: a fetched checkpoint-N carries the split and arguments
+    trainer.checkpoint_extra_files = {SPLIT_RECORD: json.dumps(record), RUN_ARGS: signature}
+    trainer.weights_only_resume = script_args.resume_weights_only
+    trainer.graceful_stop = stop
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 
@@ -639,10 +770,23 @@ def main(script_args, training_args, model_args) -> Path | None:
         dry_run(script_args, training_args, model_args, processor)
         return None
     trainer = train(script_args, training_args, model_args, processor)
+    stop = trainer.graceful_stop
+    if stop.signum:  # stopped early on purpose: the checkpoint is the result, not a final adapter
+        if trainer.accelerator.is_main_process:
+            print(f"stopped by {signal_name(stop.signum)} after step {stop.stopped_at}: checkpoint-{stop.stopped_at} "
+                  f"saved in {training_args.output_dir}; run the same command to resume (exit status "
+                  f"{stop.exit_status})", flush=True)
+        raise SystemExit(stop.exit_status)
     saved = save_outputs(trainer, processor, training_args.output_dir)
     if trainer.accelerator.is_main_process:
         print(f"saved: {saved}")
     return saved
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":

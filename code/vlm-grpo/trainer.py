@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from trl import GRPOTrainer
 
+from fast_paths import FastPaths
+from checkpoints import CrashConsistentSaveMixin
 import zero3  # noqa: F401  (swaps TRL's unwrap_model_for_generation for the M1'/M2 fixed one)
 from generation import ban_tokens_in_logits, vision_token_ban
 from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding_workaround
 
 
-class VLMGRPOTrainer(GRPOTrainer):
+class VLMGRPOTrainer(CrashConsistentSaveMixin, FastPaths, GRPOTrainer):  # FastPaths: fast_paths.py (F1, F2)
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args")
         if training_args is not None and training_args.use_vllm and training_args.vllm_mode == "colocate":

@@ -86,7 +86,9 @@ _trl_grpo_trainer.unwrap_model_for_generation = unwrap_model_for_generation
 
 
 def configure_zero3(training_args, on_gpu: bool, zero_optimization: dict | None = None) -> None:
-    """Adjust the DeepSpeed config accelerate built from the yaml, before any model is created.
+    """Adjust the DeepSpeed config the trainer will use, before any model is created: the one accelerate built from
+    deepspeed_zero3.yaml (`accelerate launch`), or the one transformers built from `--deepspeed deepspeed_zero3.json`
+    (torchrun, FlexAI's multi-node launcher); in both the plugin holds it.
 
     zero_optimization: keys set in the config's `zero_optimization` section, replacing the "auto" values that
     accelerate would otherwise fill from the model's hidden size (e.g. `stage3_param_persistence_threshold`)."""

@@ -1,0 +1,136 @@
+"""Checkpoint to endpoint, the serving side for real: the merged tiny model (scripts/merge_lora.py, as
+`make merge` writes it) is what `make flexai-checkpoint-push` accepts as inference ready, and vLLM's OpenAI-compatible
+server (the CPU build; FlexAI's `flexai inference serve` runs vLLM) serves it on 127.0.0.1, where scripts/infer.py's
+`--endpoint` client, the code users run against their FlexAI endpoint, asks it about images. The server is bounded in
+time and stopped by the test, whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from _tiny import REPO, make_adapter
+from flexai_stub import run_make
+
+import infer
+import merge_lora
+from _vllm import require_vllm
+
+pytestmark = pytest.mark.slow
+
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+START_TIMEOUT = 300  # seconds for the server to answer /health (about 40 s on the 2-core CI machine)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "merged"
+    merge_lora.main(["--adapter", str(make_adapter(tiny_model)), "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(merged, tmp_path_factory):
+    """`vllm serve`'s OpenAI server on the merged folder as it is (no extra flags about the model: the folder must
+    say everything); yields its URL, then kills its process group."""
+    require_vllm()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged), "--host", "127.0.0.1",
+             "--port", str(port), "--max-model-len", "2048"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no /health after {START_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+def test_the_merged_folder_is_what_checkpoint_push_accepts(merged, tmp_path):
+    assert merge_lora.inference_ready_problems(merged) == []
+    run = run_make(tmp_path, "flexai-checkpoint-push", f"MERGED={merged}")
+    assert run.returncode == 0, run.stderr
+    assert run.argv("flexai") == [["checkpoint", "push", "vlm-grpo-training-merged", "--file", str(merged)]]
+
+
+def processor_prompt_tokens(merged, image, question: str) -> int:
+    """Prompt length the trainer's processor gives this image and question (image tokens expanded), counted
+    independently of vLLM."""
+    from transformers import AutoProcessor
+
+    from data import make_prompt
+    from rewards import SYSTEM_PROMPT
+
+    system, user = make_prompt(question, SYSTEM_PROMPT)
+    conversation = [{"role": "system", "content": [{"type": "text", "text": system["content"]}]},
+                    {"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": user["content"]}]}]
+    processor = AutoProcessor.from_pretrained(merged)
+    ids = processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(ids["input_ids"][0])
+
+
+def test_the_endpoint_answers_about_each_image_through_the_users_client(server, merged, tmp_path):
+    from PIL import Image
+
+    question = "How many shapes are in the image?"
+    for size in ((56, 56), (224, 140)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, "red").save(path)
+        completion, prediction, reply = infer.ask_endpoint(server, str(path), question, max_new_tokens=8)
+        assert reply["model"] == str(merged)  # the first (only) model the server lists
+        assert reply["usage"]["completion_tokens"] >= 1 and isinstance(completion, str)
+        # the image reached the model and was expanded exactly as in training: the prompt lengths agree
+        assert reply["usage"]["prompt_tokens"] == processor_prompt_tokens(merged, Image.open(path).convert("RGB"), question)
+
+
+def test_the_command_line_client_prints_the_completion_and_the_graded_answer(server):
+    proc = subprocess.run(
+        [PYTHON, "scripts/infer.py", "--endpoint", server, "--image", "experiments/vlm-grpo/samples/number.png",
+         "--question", "What number is written in the image?", "--max_new_tokens", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": "key-never-printed"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("answer: ")
+    assert "key-never-printed" not in proc.stdout + proc.stderr
+
+
+def test_a_wrong_model_name_is_one_line(server, tmp_path):
+    proc = subprocess.run(
+        [PYTHON, "scripts/infer.py", "--endpoint", server, "--served_model", "no-such-model", "--image",
+         "experiments/vlm-grpo/samples/number.png", "--question", "What number?"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "HTTP 404" in proc.stderr and "no-such-model" in proc.stderr
