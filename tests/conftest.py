@@ -29,6 +29,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test leaves os.environ as it found it. Parsing arguments in-process writes into it (transformers'
+    TrainingArguments sets ACCELERATE_USE_DEEPSPEED=true for `--deepspeed`, ACCELERATE_MIXED_PRECISION always), and
+    every later subprocess would inherit that: a single-process run then asks DeepSpeed for MPI (mpi4py)."""
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
