@@ -227,7 +227,7 @@ def checkpoint_problem(folder: str | Path, world_size: int | None = None,
                            other_world_size=True)
     # The HF Trainer loads scheduler.pt on every resume (DeepSpeed too, with HF's scheduler, the recipe's); each
     # process reads its own RNG file (rng_state_<rank>.pth, or rng_state.pth for one process).
-    processes = len(deepspeed_shards(folder)[1]["optim"]) if has_ds else 1
+    processes = len(ranks["optim"]) if has_ds else 1
     rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{r}.pth" for r in range(processes)]
     for extra in ["scheduler.pt", *rng]:
         problem = _torch_file_problem(folder / extra)

@@ -418,10 +418,17 @@ def find_resume_checkpoint(output_dir: str | None, world_size: int | None = None
     mounted at FLEXAI_INPUT_CHECKPOINT_DIR in any layout: root, checkpoint-N/, <name>/..., grpo-.../checkpoint-N)
     and output_dir's checkpoint-N (a restarted job continues where it stopped), or None. Damaged ones are skipped
     with one warning each (checkpoints.checkpoint_problem)."""
-    choice = choose_checkpoint(output_dir, os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR"), world_size, deepspeed)
+    return choose_resume_checkpoint(output_dir, world_size, deepspeed).path
+
+
+def choose_resume_checkpoint(output_dir, world_size, deepspeed, weights_only=False):
+    """checkpoints.choose_checkpoint over FLEXAI_INPUT_CHECKPOINT_DIR and output_dir, each damaged one it skipped
+    logged in one warning."""
+    choice = choose_checkpoint(output_dir, os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR"), world_size, deepspeed,
+                               weights_only)
     for skipped in choice.skipped:
         logger.warning("skipping a damaged checkpoint: %s", skipped)
-    return choice.path
+    return choice
 
 
 def uses_deepspeed(training_args) -> bool:
@@ -478,9 +485,7 @@ def decide_resume(script_args, training_args, model_args) -> dict:
         logger.info("--resume fresh: starting at step 0%s",
                     f"; the earlier run in {out} moved to {moved}" if moved else "")
         return {"path": None, "weights_only": False}
-    choice = choose_checkpoint(out, input_dir, world_size, deepspeed, weights_only)
-    for skipped in choice.skipped:
-        logger.warning("skipping a damaged checkpoint: %s", skipped)
+    choice = choose_resume_checkpoint(out, world_size, deepspeed, weights_only)
     fresh_hint = (f"--resume fresh to start at step 0 (the earlier run is moved to {out}/previous-K, nothing is "
                   "deleted), or another --output_dir")
     if choice.path is None:
