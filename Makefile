@@ -16,7 +16,7 @@ SMOKE_DIR ?= outputs/smoke
 SMOKE_STEPS ?= 4
 ## SMOKE_VLLM: 1: smoke generates with vLLM colocate, the seed's path (CPU build of vLLM); 0: with transformers
 SMOKE_VLLM ?= 1
-## WHEEL_DIR: cache of the vLLM 0.11.0 CPU wheel set-up builds from PyPI's sdist (reused; .whl/ is the device's wheels)
+## WHEEL_DIR: cache of the vLLM 0.11.0 CPU wheel set-up builds from PyPI's sdist (reused)
 WHEEL_DIR ?= .cache/wheels
 ## SMOKE_ARGS: extra grpo_vlm.py flags for the smoke run, e.g. SMOKE_ARGS="--reward_funcs digit_ratio"
 SMOKE_ARGS ?=
@@ -32,9 +32,9 @@ NAME ?= vlm-grpo-training
 RESUME_NAME ?= $(NAME)-resume
 ## SECRET: name (not value) of the FlexAI secret holding your Hugging Face token, exported as HF_TOKEN
 SECRET ?= hf-token
-## REPO_URL: repository FlexAI clones for the job (your fork, if you changed the code)
+## REPO_URL: repository FlexAI clones for the job, not this working copy: your fork once you change anything
 REPO_URL ?= https://github.com/flexaihq/blueprints
-## REVISION: branch, tag or commit FlexAI checks out; empty: the repository's default branch
+## REVISION: branch, tag or commit of REPO_URL the job runs; empty: its default branch
 REVISION ?=
 ## RUNTIME: FlexAI runtime image (torch 2.8.0, CUDA 12.8, vLLM 0.11.0; docker/Dockerfile mirrors it)
 RUNTIME ?= pytorch-28-vllm-0110-nvidia
@@ -46,10 +46,12 @@ ACCELS ?= 2
 MODEL ?= Qwen/Qwen2.5-VL-3B-Instruct
 ## OUTPUT: --output_dir of the job; FlexAI captures checkpoints written under /output-checkpoint
 OUTPUT ?= /output-checkpoint/grpo-$(notdir $(MODEL))
-## ARGS: extra grpo_vlm.py flags, appended last so they win, e.g. ARGS="--max_steps 50 --save_steps 25"
+## ARGS: extra grpo_vlm.py flags, appended last so they win, e.g. ARGS="--max_steps 50 --save_steps 25 --logging_steps 5"
 ARGS ?=
 ## CKPT: FlexAI checkpoint ID (from `make flexai-checkpoints`) for flexai-resume and flexai-fetch
 CKPT ?=
+## DEST: local folder flexai-fetch downloads checkpoint CKPT into (merge/eval/plot then read it)
+DEST ?= outputs/checkpoints/$(CKPT)
 ## DATASET: FlexAI dataset name (`make flexai-dataset-push`): the job mounts it at /input/DATASET and trains on it
 DATASET ?=
 ## DIR: local dataset folder for flexai-dataset-push (parquet files, jsonl with image paths, or a save_to_disk folder)
@@ -62,7 +64,7 @@ ENV ?=
 MERGED ?= outputs/merged
 ## CKPT_NAME: name of the merged model's FlexAI checkpoint (flexai-checkpoint-push, flexai-serve)
 CKPT_NAME ?= $(NAME)-merged
-## ENDPOINT: name of the FlexAI inference endpoint flexai-serve starts
+## ENDPOINT: name of the FlexAI inference endpoint flexai-serve starts and flexai-serve-delete deletes
 ENDPOINT ?= $(NAME)-endpoint
 ## MERGE_ARGS: arguments of scripts/merge_lora.py for `make merge` (its docstring shows them; "--help" lists them)
 MERGE_ARGS ?=
@@ -138,7 +140,7 @@ require-ready = $(require-venv)$(if $(strip $(ready_problem)),$(error $(ready_pr
 # the script's own loader (code/vlm-grpo/data.py) and column check on DIR: one line saying what is wrong, else nothing
 dataset_problem = $(shell $(VPY) -c $$'import sys\nsys.path.insert(0, "$(TRAIN_DIR)")\nfrom data import DatasetError, check_columns, load_raw_dataset\ntry: check_columns(load_raw_dataset(sys.argv[1]))\nexcept DatasetError as err: print(f"DIR={sys.argv[1]} cannot be pushed: {err}")' $(call q,$(DIR)) 2>/dev/null || echo "$(DIR): the dataset check itself failed: see $(VPY) -c ... in the Makefile")
 
-# GRPO's batch arithmetic (TRL 1.2.0 GRPOConfig.__post_init__, KNOWN_ISSUES U8) checked before any job starts: the
+# GRPO's batch arithmetic (TRL 1.2.0 GRPOConfig.__post_init__, U8 in experiments/vlm-grpo/INTERNALS.md) checked before any job starts: the
 # completions of one generation must split into whole groups of --num_generations, over all NODES x ACCELS processes.
 # Flag values are read from ARGS (the last one wins, as in the script), else TRL's defaults.
 args_words = $(foreach w,$(ARGS),$(if $(filter --%,$(w)),$(subst =, ,$(w)),$(w)))
@@ -154,13 +156,39 @@ split_problem = $(shell per=$(call flag,--per_device_train_batch_size,8); acc=$(
   (( gbs % gens )) && { echo "NODES=$(NODES) x ACCELS=$(ACCELS) = $$n processes x --per_device_train_batch_size $$per x $$spg step(s) per generation = $$gbs completions per generation, not a multiple of --num_generations $$gens (TRL's GRPOConfig rule, trl#3020): pick ACCELS or ARGS so that it is"; exit 0; }; \
   (( n % tp )) && echo "--vllm_tensor_parallel_size $$tp does not divide the $$n processes (NODES=$(NODES) x ACCELS=$(ACCELS)): vLLM colocate groups processes by it"; true)
 
-# how to call an endpoint (printed by flexai-serve and flexai-endpoint): the key stays in the environment
+# how to call an endpoint (printed by flexai-serve and flexai-endpoint): the key stays in the environment. FlexAI prints
+# an endpoint's API key when `flexai inference serve` creates it, and `flexai inference inspect` shows its URL (as in
+# FlexAI's own blueprints, flexaihq/blueprints experiments/text-to-audio-qwen3-tts/README.md)
 define endpoint-howto
-echo; echo 'Endpoint $(ENDPOINT): `make flexai-endpoint` shows its status and URL. Once it runs, put the URL and an API key'; \
-echo 'in the environment (ENDPOINT_URL=<url>, FLEXAI_API_KEY=<key>: read from there, never printed), then ask it about an image:'; \
-echo '  make infer INFER_ARGS="--endpoint $$ENDPOINT_URL --image photo.png --question '"'"'How many red circles are there?'"'"'"'; \
+echo; echo 'Endpoint $(ENDPOINT): its API key is printed once, by `make flexai-serve` (above when you just ran it); `make flexai-endpoint`'; \
+echo 'shows its status. Once it runs, put the key and its URL in the environment (read from there, never printed) and ask it:'; \
+echo '  read -rs FLEXAI_API_KEY && export FLEXAI_API_KEY   # paste the API key (not echoed, not in your shell history)'; \
+echo '  export ENDPOINT_URL=$$(make -s flexai-endpoint-url)'; \
+echo '  make infer INFER_ARGS="--endpoint $$ENDPOINT_URL --image experiments/vlm-grpo/samples/number.png --question '"'"'What number is written in the image?'"'"'"'; \
 echo '  curl -s $$ENDPOINT_URL/v1/models -H "Authorization: Bearer $$FLEXAI_API_KEY"   # the served model name'; \
-echo '  python -c "import os; from openai import OpenAI; c = OpenAI(base_url=os.environ[\"ENDPOINT_URL\"] + \"/v1\", api_key=os.environ[\"FLEXAI_API_KEY\"]); print(c.models.list())"'
+echo '  python -c "import os; from openai import OpenAI; c = OpenAI(base_url=os.environ[\"ENDPOINT_URL\"] + \"/v1\", api_key=os.environ[\"FLEXAI_API_KEY\"]); print(c.models.list())"'; \
+echo 'An endpoint costs while it runs: make flexai-serve-delete deletes it.'
+endef
+
+# FlexAI clones REPO_URL at REVISION, never this working copy. Warn (one line on stderr; the job still starts) when the
+# working copy holds what that revision cannot contain: uncommitted or untracked files, a HEAD commit that is not on
+# the branch REVISION names (or REPO_URL's default branch), or no remote at REPO_URL at all. Offline: compared with the
+# remote-tracking branches as last fetched (`git fetch` first for a fresh answer). Silent outside a git checkout.
+define code-check
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || exit 0; \
+norm() { local u="$${1%/}"; u="$${u%.git}"; u="$${u#git@github.com:}"; u="$${u#ssh://git@github.com/}"; u="$${u#https://github.com/}"; u="$${u#http://github.com/}"; echo "$${u,,}"; }; \
+url=$(call q,$(REPO_URL)); rev=$(call q,$(REVISION)); want=$$(norm "$$url"); remote=; target=; problems=; \
+for r in $$(git remote); do [ "$$(norm "$$(git remote get-url "$$r")")" = "$$want" ] && { remote=$$r; break; }; done; \
+n=$$(git status --porcelain --untracked-files=normal | wc -l); \
+[ "$$n" -gt 0 ] && problems="$$problems; $$n uncommitted or untracked file(s) (git status)"; \
+if [ -z "$$remote" ]; then problems="$$problems; no remote of it is REPO_URL (git remote -v)"; \
+elif [ -z "$$rev" ]; then target=$$(git symbolic-ref -q --short "refs/remotes/$$remote/HEAD") || problems="$$problems; the default branch of $$remote is unknown here (git remote set-head $$remote --auto)"; \
+elif git rev-parse -q --verify "refs/remotes/$$remote/$$rev^{commit}" >/dev/null; then target=$$remote/$$rev; \
+elif c=$$(git rev-parse -q --verify "$$rev^{commit}"); then target=$$c; \
+  [ -n "$$(git branch -r --contains "$$c" --list "$$remote/*")" ] || problems="$$problems; REVISION=$$rev is on no branch of $$remote as last fetched (git push)"; \
+else problems="$$problems; REVISION=$$rev is neither a branch of $$remote as last fetched nor a commit here"; fi; \
+if [ -n "$$target" ] && ! git merge-base --is-ancestor HEAD "$$target" 2>/dev/null; then problems="$$problems; commit $$(git rev-parse --short HEAD) is not in $$target as last fetched (git push)"; fi; \
+[ -z "$$problems" ] || echo "warning: the job runs $$url at $${rev:-its default branch}, not this working copy: $${problems#; }. Push your changes (to a fork if you cannot push here) and set REPO_URL and REVISION to them; make info shows both" >&2
 endef
 
 # `flexai training run` flags shared by flexai-train and flexai-resume, in the seed's order; DATASET, WANDB_SECRET and
@@ -176,24 +204,32 @@ TRAIN_ENTRY = $(if $(filter 1,$(NODES)),accelerate launch --config_file=$(ACCEL_
 # what the job's entry says on flexai-resume: resume or fail (never a silent fresh start), set on that target only
 RESUME_FLAGS =
 
-.PHONY: help info venv vllm-cpu smoke test flexai-connect flexai-secret flexai-train flexai-resume flexai-inspect \
-        flexai-logs flexai-checkpoints flexai-fetch flexai-dataset-push flexai-checkpoint-push flexai-serve \
-        flexai-endpoint flexai-bench docker-build local-smoke merge eval bench plot infer learning-demo
+.PHONY: help info venv vllm-cpu smoke test dry-run learning-demo flexai-connect flexai-secret flexai-train \
+        flexai-inspect flexai-logs flexai-checkpoints flexai-stop flexai-resume flexai-fetch flexai-dataset-push merge \
+        eval plot infer flexai-checkpoint-push flexai-serve flexai-endpoint flexai-endpoint-url \
+        flexai-serve-delete bench flexai-bench \
+        docker-build local-smoke
 
+# `make help` prints the targets under their `##@ ` group lines, in file order; [paid] marks targets that start
+# FlexAI GPUs (a job or an endpoint)
+##@ Start here
 help: ## list targets and knobs (this text)
 	@echo 'Usage: make TARGET [KNOB=value ...]    e.g. make flexai-train ACCELS=4'
-	@echo
-	@echo 'Targets:'
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-23s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s:\n", substr($$0, 5); next} \
+	     /^[a-zA-Z0-9_-]+:.*## / {printf "  %-23s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo 'Knobs (default in brackets; `make info` shows the resolved values):'
 	@awk '/^## [A-Z_]+: / {name = $$2; sub(/:$$/, "", name); desc = $$0; sub(/^## [A-Z_]+: /, "", desc); next} \
 	     name != "" && index($$0, name " ?=") == 1 {val = substr($$0, length(name) + 4); sub(/^ +/, "", val); \
 	     printf "  %-23s %s [%s]\n", name, desc, val} {name = ""}' $(firstword $(MAKEFILE_LIST))
 
-info: ## print every knob's resolved value and the command flexai-train would run
-	$(require-env)@echo 'Knobs:'
-	@$(foreach k,$(KNOBS),printf '  %-16s %s\n' '$(k)' $(call q,$($(k)));)
+info: ## the command flexai-train would run, the code it runs (REPO_URL at REVISION), every knob's resolved value
+	$(require-env)@echo 'make flexai-train runs:'
+	@printf '  %s\n' $(call q,$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY))
+	@echo
+	@echo 'Code the job runs: FlexAI clones REPO_URL at REVISION, not this working copy:'
+	@printf '  %s\n' $(call q,$(REPO_URL) at $(or $(REVISION),its default branch))
+	@$(code-check)
 	@echo
 	@echo 'Derived:'
 	@printf '  %-16s %s\n' 'processes' $(call q,$(NPROC) ($(NODES) node(s) x $(ACCELS) GPU(s); $(ACCEL_CONFIG) says $(CONFIG_NPROC)))
@@ -202,16 +238,15 @@ info: ## print every knob's resolved value and the command flexai-train would ru
 	@printf '  %-16s %s\n' 'report_to' $(call q,$(if $(strip $(WANDB_SECRET)),wandb (WANDB_API_KEY from FlexAI secret "$(WANDB_SECRET)"),none (grpo_vlm.py's default; WANDB_SECRET=<name> for W&B)))
 	@printf '  %-16s %s\n' 'HF_TOKEN' $(call q,from FlexAI secret "$(SECRET)" (value never read by make))
 	@echo
-	@echo 'make flexai-train runs:'
-	@printf '  %s\n' $(call q,$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY))
+	@echo 'Knobs:'
+	@$(foreach k,$(KNOBS),printf '  %-16s %s\n' '$(k)' $(call q,$($(k)));)
 
 $(STAMP): code/vlm-grpo/requirements.txt code/vlm-grpo/requirements-dev.txt
+	@echo 'set-up: creating $(VENV) with the pinned stack (once; several GB of disk: README.md, "Set-up")'
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -r $(REQS)
 	touch $@
-
-venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the runtime pins)
 
 # vLLM has no CPU wheel on PyPI: build 0.11.0 from its sdist against the venv's torch (cached in WHEEL_DIR), install
 # it without its deps (they would swap torch for 2.8.0+cpu), then its runtime pins together with the project's.
@@ -219,6 +254,9 @@ venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the ru
 $(VLLM_STAMP): $(STAMP) scripts/build_vllm_cpu.py code/vlm-grpo/requirements-vllm-cpu.txt
 	$(VPY) scripts/build_vllm_cpu.py --wheel-dir $(WHEEL_DIR) --install $(REQS) code/vlm-grpo/requirements-vllm-cpu.txt
 	touch $@
+
+##@ Local, free (CPU; the first target that needs it builds .venv)
+venv: $(STAMP) ## create $(VENV) with the pinned CPU stack (torch 2.8.0 + the runtime pins)
 
 vllm-cpu: $(VLLM_STAMP) ## build vLLM 0.11.0 for CPU from PyPI's sdist (once; cached in WHEEL_DIR) and install it into $(VENV)
 
@@ -228,7 +266,17 @@ smoke: $(STAMP) $(if $(filter 0,$(SMOKE_VLLM)),,$(VLLM_STAMP)) ## the seed comma
 test: $(STAMP) $(VLLM_STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests), vLLM colocate included
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-# ---- FlexAI ------------------------------------------------------------------------------------------------
+# the job's own entry (TRAIN_ENTRY, knobs applied) run here with --dry_run: accelerate starts the job's processes on
+# this machine, each checks arguments, data and batch arithmetic and prints the plan; no weights load. DIR, when set,
+# stands in for the FlexAI dataset (/input/DATASET exists only in the job).
+dry-run: $(STAMP) ## check the job before paying: its entry with --dry_run here (arguments, every data row, steps for its process count; no weights)
+	$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): dry-run starts the job's processes on this machine; check the plan of N processes with NODES=1 ACCELS=N))
+	PATH=$(call q,$(abspath $(VENV))/bin):"$$PATH" $(TRAIN_ENTRY) --dry_run$(if $(strip $(DIR)), --dataset_name $(call q,$(DIR)))
+
+learning-demo: $(STAMP) ## offline check that GRPO moves a policy towards its reward (tiny random model, digit_ratio, CPU): not answer quality; writes DEMO_FIGURE
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) scripts/learning_demo.py --out_dir $(call q,$(DEMO_DIR)) --figure $(call q,$(DEMO_FIGURE))
+
+##@ FlexAI training ([paid]: starts GPUs; FlexAI clones REPO_URL at REVISION)
 flexai-connect: ## connect FlexAI to GitHub (once per account), so jobs can clone REPO_URL
 	$(require-flexai)
 	$(FLEXAI) code-registry connect
@@ -237,14 +285,10 @@ flexai-secret: ## create secret SECRET: the CLI prompts for your HF token (never
 	$(require-flexai)
 	$(FLEXAI) secret create $(call q,$(SECRET))
 
-flexai-train: ## start the GRPO training job: the seed's command, with NAME/MODEL/NODES/ACCELS/DATASET/ARGS... applied
+flexai-train: ## [paid] start job NAME: the seed's command, with MODEL/NODES/ACCELS/DATASET/ARGS... applied
 	$(require-flexai)$(require-counts)$(require-env)
+	@$(code-check)
 	$(FLEXAI) training run $(call q,$(NAME)) $(FLEXAI_RUN_FLAGS) -- $(TRAIN_ENTRY)
-
-flexai-resume: RESUME_FLAGS = --resume require
-flexai-resume: ## start job RESUME_NAME from checkpoint CKPT; grpo_vlm.py resumes from its trainer state (or fails)
-	$(require-ckpt)$(require-flexai)$(require-counts)$(require-env)
-	$(FLEXAI) training run $(call q,$(RESUME_NAME)) $(FLEXAI_RUN_FLAGS) --checkpoint $(call q,$(CKPT)) -- $(TRAIN_ENTRY)
 
 flexai-inspect: ## status and life-cycle events of job NAME
 	$(require-flexai)
@@ -258,35 +302,25 @@ flexai-checkpoints: ## list the checkpoints job NAME produced (their IDs go in C
 	$(require-flexai)
 	$(FLEXAI) training checkpoints $(call q,$(NAME))
 
-flexai-fetch: ## download checkpoint CKPT (a LoRA adapter) into the current folder
-	$(require-ckpt)$(require-flexai)
-	$(FLEXAI) checkpoint fetch $(call q,$(CKPT))
+flexai-stop: ## stop job NAME (`flexai training stop`: FlexAI documents user stops, its CLI page was not checked here)
+	$(require-flexai)
+	$(FLEXAI) training stop $(call q,$(NAME))
 
-# bench.py launches each configuration itself (accelerate, ZeRO-3 over the job's GPUs), so the entry is a command, not
-# a bare script; bench.json/bench.md are copied into FLEXAI_OUTPUT_CHECKPOINT_DIR, i.e. a checkpoint of the job
-flexai-bench: ## the benchmark as a FlexAI job on RUNTIME (vLLM generating); bench.json lands in its checkpoint (flexai-fetch)
-	$(require-flexai)$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): the benchmark runs on one node (its configurations are launched by bench.py itself); use NODES=1))
-	$(FLEXAI) training run $(call q,$(NAME)-bench) $(FLEXAI_RUN_FLAGS) -- python3 scripts/bench.py --out /tmp/bench $(BENCH_JOB_ARGS)
+flexai-resume: RESUME_FLAGS = --resume require
+flexai-resume: ## [paid] start job RESUME_NAME from checkpoint CKPT; grpo_vlm.py resumes from its trainer state (or fails)
+	$(require-ckpt)$(require-flexai)$(require-counts)$(require-env)
+	@$(code-check)
+	$(FLEXAI) training run $(call q,$(RESUME_NAME)) $(FLEXAI_RUN_FLAGS) --checkpoint $(call q,$(CKPT)) -- $(TRAIN_ENTRY)
+
+flexai-fetch: ## download checkpoint CKPT (a LoRA adapter, or bench.json of flexai-bench) into folder DEST
+	$(require-ckpt)$(require-flexai)
+	$(FLEXAI) checkpoint fetch $(call q,$(CKPT)) --destination $(call q,$(DEST))
 
 flexai-dataset-push: ## check that DIR loads with the script's loader, then push it as FlexAI dataset DATASET
 	$(require-dataset)$(require-dir)$(require-flexai)$(require-venv)$(if $(strip $(dataset_problem)),$(error $(dataset_problem)))
 	$(FLEXAI) dataset push $(call q,$(DATASET)) --file $(call q,$(DIR))
 
-flexai-checkpoint-push: ## check that MERGED is inference ready, then push it as FlexAI checkpoint CKPT_NAME
-	$(require-flexai)$(require-ready)
-	$(FLEXAI) checkpoint push $(call q,$(CKPT_NAME)) --file $(call q,$(MERGED))
-
-flexai-serve: ## serve checkpoint CKPT_NAME as inference endpoint ENDPOINT (vLLM on FlexAI), then say how to call it
-	$(require-flexai)
-	$(FLEXAI) inference serve $(call q,$(ENDPOINT)) --checkpoint $(call q,$(CKPT_NAME))
-	@$(endpoint-howto)
-
-flexai-endpoint: ## status and URL of endpoint ENDPOINT, and ready-to-paste client lines
-	$(require-flexai)
-	$(FLEXAI) inference inspect $(call q,$(ENDPOINT))
-	@$(endpoint-howto)
-
-# ---- after training: merge, evaluate, plot, infer ---------------------------------------------------------------
+##@ After training (local, in .venv; merge and eval download the base model once)
 merge: $(STAMP) ## merge a fetched LoRA adapter into its base model (scripts/merge_lora.py MERGE_ARGS)
 	$(VPY) scripts/merge_lora.py $(MERGE_ARGS)
 
@@ -296,16 +330,46 @@ eval: $(STAMP) ## score base vs trained model on held-out questions with the rew
 plot: $(STAMP) ## PNG of a run's rewards, accuracy, format, length, clip ratio, entropy (scripts/plot_training.py PLOT_ARGS)
 	$(VPY) scripts/plot_training.py $(PLOT_ARGS)
 
-infer: $(STAMP) ## answer one question about one image with a (merged) model (scripts/infer.py INFER_ARGS)
+infer: $(STAMP) ## answer one question about one image with a merged model or an endpoint (scripts/infer.py INFER_ARGS)
 	$(VPY) scripts/infer.py $(INFER_ARGS)
 
-learning-demo: $(STAMP) ## offline proof that GRPO helps: tiny model, synthetic task, CPU; writes DEMO_FIGURE (under outputs/)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) scripts/learning_demo.py --out_dir $(call q,$(DEMO_DIR)) --figure $(call q,$(DEMO_FIGURE))
+##@ Serving on FlexAI
+flexai-checkpoint-push: ## check that MERGED is inference ready, then push it as FlexAI checkpoint CKPT_NAME
+	$(require-flexai)$(require-ready)
+	$(FLEXAI) checkpoint push $(call q,$(CKPT_NAME)) --file $(call q,$(MERGED))
 
-bench: ## GPU benchmark: seed vs tuned GRPO steps on the 3B architecture (experiments/vlm-grpo/BENCHMARKS.md)
+flexai-serve: ## [paid] serve checkpoint CKPT_NAME as endpoint ENDPOINT (vLLM on FlexAI; prints its API key), then say how to call it
+	$(require-flexai)
+	$(FLEXAI) inference serve $(call q,$(ENDPOINT)) --checkpoint $(call q,$(CKPT_NAME))
+	@$(endpoint-howto)
+
+flexai-endpoint: ## status and URL of endpoint ENDPOINT, and ready-to-paste client lines
+	$(require-flexai)
+	$(FLEXAI) inference inspect $(call q,$(ENDPOINT))
+	@$(endpoint-howto)
+
+# the URL alone, for `export ENDPOINT_URL=$(make -s flexai-endpoint-url)`: `inspect -j` and its config.endpointUrl
+# field as FlexAI's own blueprints read them (flexaihq/blueprints experiments/text-to-audio-qwen3-tts/README.md)
+flexai-endpoint-url: ## print the URL of endpoint ENDPOINT alone (the guide exports it as ENDPOINT_URL)
+	$(require-flexai)
+	@set -o pipefail; $(FLEXAI) inference inspect $(call q,$(ENDPOINT)) -j | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["config"]["endpointUrl"])'
+
+flexai-serve-delete: ## delete endpoint ENDPOINT (`flexai inference delete`: not in the CLI pages checked here)
+	$(require-flexai)
+	$(FLEXAI) inference delete $(call q,$(ENDPOINT))
+
+##@ Benchmarks
+bench: ## GPU benchmark on this machine: seed vs tuned GRPO steps on the 3B architecture (experiments/vlm-grpo/BENCHMARKS.md)
 	$(BENCH_PYTHON) scripts/bench.py $(BENCH_ARGS)
 
-# ---- Docker: the FlexAI runtime, locally -------------------------------------------------------------------
+# bench.py launches each configuration itself (accelerate, ZeRO-3 over the job's GPUs), so the entry is a command, not
+# a bare script; bench.json/bench.md are copied into FLEXAI_OUTPUT_CHECKPOINT_DIR, i.e. a checkpoint of the job
+flexai-bench: ## [paid] the benchmark as a FlexAI job on RUNTIME (vLLM generating); bench.json lands in its checkpoint (flexai-fetch)
+	$(require-flexai)$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): the benchmark runs on one node (its configurations are launched by bench.py itself); use NODES=1))
+	@$(code-check)
+	$(FLEXAI) training run $(call q,$(NAME)-bench) $(FLEXAI_RUN_FLAGS) -- python3 scripts/bench.py --out /tmp/bench $(BENCH_JOB_ARGS)
+
+##@ Docker: the FlexAI runtime, locally (docker/Dockerfile)
 docker-build: ## build IMAGE from docker/Dockerfile: the runtime's torch 2.8.0 + CUDA 12.8 + vLLM 0.11.0
 	$(require-docker)
 	$(DOCKER) build -f docker/Dockerfile -t $(call q,$(IMAGE)) .
