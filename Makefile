@@ -184,6 +184,8 @@ n=$$(git status --porcelain --untracked-files=normal | wc -l); \
 if [ -z "$$remote" ]; then problems="$$problems; no remote of it is REPO_URL (git remote -v)"; \
 elif [ -z "$$rev" ]; then target=$$(git symbolic-ref -q --short "refs/remotes/$$remote/HEAD") || problems="$$problems; the default branch of $$remote is unknown here (git remote set-head $$remote --auto)"; \
 elif git rev-parse -q --verify "refs/remotes/$$remote/$$rev^{commit}" >/dev/null; then target=$$remote/$$rev; \
+elif git rev-parse -q --verify "refs/heads/$$rev" >/dev/null; then target=refs/heads/$$rev; \
+  problems="$$problems; branch $$rev is not on $$remote as last fetched (git push $$remote $$rev)"; \
 elif c=$$(git rev-parse -q --verify "$$rev^{commit}"); then target=$$c; \
   [ -n "$$(git branch -r --contains "$$c" --list "$$remote/*")" ] || problems="$$problems; REVISION=$$rev is on no branch of $$remote as last fetched (git push)"; \
 else problems="$$problems; REVISION=$$rev is neither a branch of $$remote as last fetched nor a commit here"; fi; \
@@ -204,7 +206,7 @@ TRAIN_ENTRY = $(if $(filter 1,$(NODES)),accelerate launch --config_file=$(ACCEL_
 # what the job's entry says on flexai-resume: resume or fail (never a silent fresh start), set on that target only
 RESUME_FLAGS =
 
-.PHONY: help info venv vllm-cpu smoke test dry-run learning-demo flexai-connect flexai-secret flexai-train \
+.PHONY: help info venv vllm-cpu smoke test .dry-run-checks dry-run learning-demo flexai-connect flexai-secret flexai-train \
         flexai-inspect flexai-logs flexai-checkpoints flexai-stop flexai-resume flexai-fetch flexai-dataset-push merge \
         eval plot infer flexai-checkpoint-push flexai-serve flexai-endpoint flexai-endpoint-url \
         flexai-serve-delete bench flexai-bench \
@@ -266,11 +268,15 @@ smoke: $(STAMP) $(if $(filter 0,$(SMOKE_VLLM)),,$(VLLM_STAMP)) ## the seed comma
 test: $(STAMP) $(VLLM_STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests), vLLM colocate included
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# made before $(STAMP) (prerequisites are made left to right): a wrong knob costs no set-up
+.dry-run-checks:
+	$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): dry-run starts the job's processes on this machine; check the plan of N processes with NODES=1 ACCELS=N))
+	@:
+
 # the job's own entry (TRAIN_ENTRY, knobs applied) run here with --dry_run: accelerate starts the job's processes on
 # this machine, each checks arguments, data and batch arithmetic and prints the plan; no weights load. DIR, when set,
 # stands in for the FlexAI dataset (/input/DATASET exists only in the job).
-dry-run: $(STAMP) ## check the job before paying: its entry with --dry_run here (arguments, every data row, steps for its process count; no weights)
-	$(require-counts)$(require-env)$(if $(filter 1,$(NODES)),,$(error NODES=$(NODES): dry-run starts the job's processes on this machine; check the plan of N processes with NODES=1 ACCELS=N))
+dry-run: .dry-run-checks $(STAMP) ## check the job before paying: its entry with --dry_run here (arguments, every data row, steps for its process count; no weights)
 	PATH=$(call q,$(abspath $(VENV))/bin):"$$PATH" $(TRAIN_ENTRY) --dry_run$(if $(strip $(DIR)), --dataset_name $(call q,$(DIR)))
 
 learning-demo: $(STAMP) ## offline check that GRPO moves a policy towards its reward (tiny random model, digit_ratio, CPU): not answer quality; writes DEMO_FIGURE

@@ -22,7 +22,8 @@ SECRET_PLACEHOLDER = "<HF_AUTH_TOKEN_SECRET_NAME>"
 # the Makefile's SECRET default, which the docs use in place of the seed's placeholder
 DEFAULT_SECRET = "hf-token"
 
-# The seed document's (the user's) `flexai training run` command (shared/seed/vlm-grpo-flexai.md), as argv after `flexai`.
+# The seed recipe's `flexai training run` command, as argv after `flexai` (experiments/vlm-grpo/INTERNALS.md quotes the
+# recipe's page; tests/test_makefile.py checks this list against that quote).
 SEED_ARGV = [
     "training", "run", "vlm-grpo-training",
     "--repository-url", "https://github.com/flexaihq/blueprints",
@@ -63,7 +64,8 @@ def offline_seed_script_args(model, output_dir, vllm: bool = False) -> list[str]
 
 
 # The stand-in: record argv; `secret create` reads the value from stdin like the real CLI's prompt and records only
-# its length; `docker info` prints the runtimes named in STUB_DOCKER_RUNTIMES; `nvidia-smi -L` lists one GPU.
+# its length; `inference inspect NAME -j` prints JSON with config.endpointUrl (STUB_ENDPOINT_URL), the field FlexAI's
+# blueprints read; `docker info` prints the runtimes named in STUB_DOCKER_RUNTIMES; `nvidia-smi -L` lists one GPU.
 STUB_SOURCE = '''#!{python}
 import os, sys
 from pathlib import Path
@@ -76,6 +78,9 @@ if tool == "flexai" and sys.argv[1:3] == ["secret", "create"]:
     value = sys.stdin.readline().rstrip("\\n")
     (calls / f"{{n:03d}}-{{tool}}.stdin-length").write_text(str(len(value)))
     print("Secret created")
+if tool == "flexai" and sys.argv[1:3] == ["inference", "inspect"] and "-j" in sys.argv:
+    import json
+    print(json.dumps({{"config": {{"endpointUrl": os.environ.get("STUB_ENDPOINT_URL", "https://endpoint.invalid")}}}}))
 if tool == "docker" and sys.argv[1:2] == ["info"]:
     print(os.environ.get("STUB_DOCKER_RUNTIMES", '{{"runc":{{}}}}'))
 if tool == "nvidia-smi":
@@ -155,13 +160,34 @@ def shell_blocks(markdown: str) -> list[str]:
 
 def block_commands(block: str) -> list[list[str]]:
     """The commands of one shell block as argv lists: continuations joined, comments and blank lines dropped."""
+    return [argv for argv, _ in block_lines(block)]
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """(command, comment) of one shell line: the comment starts at a `#` outside quotes that begins a word."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip(), line[i + 1 :].strip()
+    return line.rstrip(), ""
+
+
+def block_lines(block: str) -> list[tuple[list[str], str]]:
+    """(argv, trailing comment) of every command of one shell block: continuations joined, blank lines dropped.
+    `export NAME=$(make ...)` gives the inner make command (what the line runs)."""
     joined = re.sub(r"\\\n", " ", block)
-    commands = []
+    lines = []
     for line in joined.splitlines():
-        words = shlex.split(line, comments=True)
+        command, comment = split_comment(line)
+        inner = re.fullmatch(r"export [A-Z_]+=\$\((make [^)]*)\)", command.strip())
+        words = shlex.split(inner.group(1) if inner else command)
         if words:
-            commands.append(words)
-    return commands
+            lines.append((words, comment))
+    return lines
 
 
 # ---- local inputs of the FlexAI targets that read a folder first ------------------------------------------------

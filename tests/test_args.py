@@ -42,15 +42,12 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def test_seed_argv_is_the_seed_documents_command(repo_root):
-    """flexai_stub.SEED_ARGV must stay the seed document's command (when the team's shared notes sit beside the
-    repository, as ../shared)."""
+def test_seed_argv_is_the_seed_recipes_command(repo_root):
+    """flexai_stub.SEED_ARGV's script arguments stay those of the seed recipe as experiments/vlm-grpo/INTERNALS.md
+    quotes it."""
     import shlex
 
-    seed = repo_root.parent / "shared" / "seed" / "vlm-grpo-flexai.md"
-    if not seed.exists():
-        pytest.skip(f"seed document not available here ({seed})")
-    text = seed.read_text()
+    text = (repo_root / "experiments" / "vlm-grpo" / "INTERNALS.md").read_text()
     command = text[text.index("flexai training run") : text.index("```", text.index("flexai training run"))]
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[argv.index(SCRIPT) + 1 :] == SEED_SCRIPT_ARGV

@@ -188,7 +188,7 @@ def test_refigured_files_are_what_refigure_derives_from_the_raw_files(call):
 
 @pytest.mark.slow
 def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_root, tmp_path):
-    """`--vllm_stand_in` (the device machine has no vLLM): TRL's vLLM colocate path with the engine replaced, on
+    """`--vllm_stand_in` (for GPU hosts without vLLM): TRL's vLLM colocate path with the engine replaced, on
     the tiny model, TRL's paths (`seed-trl`) and fast_paths.py's (`seed`) in one run: the importance-sampling
     forward is there before and gone after, every step syncs weights, and after training the two syncs hand over
     identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once."""

@@ -289,3 +289,43 @@ def test_dry_run_refuses_a_vllm_context_longer_than_the_models(run_script, weigh
     assert proc.returncode == 1
     assert "error: vLLM's max model length 5048" in proc.stderr and "context of 4096 tokens" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_model, tmp_path):
+    """The guide's check before paying: `make dry-run` runs make flexai-train's entry here under `accelerate launch`
+    with the job's 2 processes (the seed's flags; the tiny model and 16 synthetic rows swapped in through the knobs),
+    and each process prints the plan of the 2-process job, with the job's own --output_dir (/output-checkpoint/...,
+    which a dry run does not write)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _tiny import REPO
+
+    venv = Path(sys.executable).parent.parent  # the venv running the tests: the one `make` must use
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
+    cmd = ["make", "--no-print-directory", "-o", f"{venv}/.installed", f"VENV={venv}", "dry-run",
+           f"MODEL={weightless_model}", "ARGS=--dataset_name synthetic --synthetic_rows 16"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    plans = [plan_of(part) for part in stdout.split("dry run plan: ")[1:] for part in ["dry run plan: " + part]]
+    assert len(plans) == 2  # one per process of the job
+    for plan in plans:
+        assert plan["processes"] == 2
+        assert plan["completions_per_step"] == 16 and plan["prompts_per_step"] == 2  # 8 per process, groups of 8
+        assert plan["train_rows"] == 15 and plan["steps"] == 23  # ceil(3 epochs x 15 prompts / 2 per step)
+        assert plan["generation"] == "vLLM colocate"
+        assert plan["output_dir"] == "/output-checkpoint/grpo-tiny"
+    assert not Path("/output-checkpoint/grpo-tiny").exists()  # a dry run writes nothing

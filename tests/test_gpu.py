@@ -1,6 +1,6 @@
 """GPU test: the real script, 2 ZeRO-3 processes with gradient checkpointing, on Qwen2.5-VL-3B's architecture.
 
-Runs where CUDA shows at least 2 GPUs (the device machine), skipped elsewhere:
+Runs where CUDA shows at least 2 GPUs, skipped elsewhere:
 
     python3 -m pytest -m gpu tests/test_gpu.py
 

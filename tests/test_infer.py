@@ -29,24 +29,24 @@ def merged_and_image(tmp_path_factory, tiny_adapter):
 
 
 def docs_infer_args() -> list[str]:
-    """INFER_ARGS of the guide's `make infer` command, as scripts/infer.py receives them."""
+    """INFER_ARGS of the guide's `make infer` command (the serving step's test call), as scripts/infer.py receives
+    them; tests/test_serve.py runs them against a real server, README's rehearsal is run by tests/test_walkthrough.py."""
     from flexai_stub import block_commands, shell_blocks
 
     guide = (REPO / "experiments" / "vlm-grpo" / "README.md").read_text()
-    # the FlexAI form, in the merging section (the offline walkthrough's is run by tests/test_walkthrough.py)
-    section = guide.split("## Merging the adapter and inference", 1)[1].split("\n## ", 1)[0]
-    commands = [c for b in shell_blocks(section) for c in block_commands(b) if c[:2] == ["make", "infer"]]
+    commands = [c for b in shell_blocks(guide) for c in block_commands(b) if c[:2] == ["make", "infer"]]
     assert len(commands) == 1, commands
     (knob,) = [a for a in commands[0] if a.startswith("INFER_ARGS=")]
     return shlex.split(knob.split("=", 1)[1])
 
 
 def test_docs_command_answers(merged_and_image):
-    # the guide's `make infer` arguments, with the tiny merged model and a synthetic image swapped in
+    # the guide's `make infer` arguments, with the endpoint swapped for the tiny merged model and a synthetic image
     merged, image = merged_and_image
     args = docs_infer_args()
-    assert args[args.index("--model") + 1] == "outputs/merged" and "--question" in args
-    args[args.index("--model") + 1], args[args.index("--image") + 1] = str(merged), str(image)
+    assert args[:2] == ["--endpoint", "$ENDPOINT_URL"] and "--question" in args
+    args[:2] = ["--model", str(merged)]
+    args[args.index("--image") + 1] = str(image)
     proc = subprocess.run([sys.executable, "scripts/infer.py", *args, "--max_new_tokens", "16"],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr

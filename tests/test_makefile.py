@@ -23,13 +23,15 @@ from flexai_stub import (
     block_commands,
     make_dataset_dir,
     make_ready_model_dir,
+    make_stub_dir,
     run_make,
     run_make_with_local_inputs,
     shell_blocks,
 )
 
 MAKEFILE = REPO / "Makefile"
-SEED_DOC = REPO.parent / "shared" / "seed" / "vlm-grpo-flexai.md"
+# the seed recipe's page, quoted in the maintainers' notes
+SEED_DOC = REPO / "experiments" / "vlm-grpo" / "INTERNALS.md"
 
 
 def with_secret(argv: list[str], name: str) -> list[str]:
@@ -60,11 +62,10 @@ def assert_one_line_error(run, *fragments: str) -> None:
 # ---- the seed command ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SEED_DOC.is_file(), reason="shared/seed/ is not beside this checkout")
 def test_seed_argv_constant_matches_the_seed_document():
-    commands = [c for block in shell_blocks(SEED_DOC.read_text()) for c in block_commands(block)]
-    runs = [c[1:] for c in commands if c[:3] == ["flexai", "training", "run"]]
-    assert runs == [SEED_ARGV]
+    text = SEED_DOC.read_text()
+    (block,) = [b for b in re.findall(r"^```text\n(.*?)^```", text, re.S | re.M) if b.startswith("flexai training run")]
+    assert shlex.split(block.replace("\\\n", " "))[1:] == SEED_ARGV
 
 
 def test_flexai_train_defaults_run_the_seed_command(tmp_path):
@@ -214,6 +215,8 @@ def test_flexai_resume_follows_accels(tmp_path):
         ("flexai-checkpoints", ["training", "checkpoints", "vlm-grpo-training"]),
         ("flexai-connect", ["code-registry", "connect"]),
         ("flexai-secret", ["secret", "create", DEFAULT_SECRET]),
+        ("flexai-stop", ["training", "stop", "vlm-grpo-training"]),
+        ("flexai-serve-delete", ["inference", "delete", "vlm-grpo-training-endpoint"]),
     ],
 )
 def test_simple_targets(tmp_path, target, expected):
@@ -224,8 +227,18 @@ def test_monitoring_targets_follow_name(tmp_path):
     assert only_flexai_call(run_make(tmp_path, "flexai-logs", "NAME=other")) == ["training", "logs", "other"]
 
 
-def test_flexai_fetch(tmp_path):
-    assert only_flexai_call(run_make(tmp_path, "flexai-fetch", "CKPT=abc-123")) == ["checkpoint", "fetch", "abc-123"]
+def test_flexai_fetch_downloads_into_a_named_folder(tmp_path):
+    # --destination as FlexAI's own blueprints pass it; by default a folder named after the checkpoint
+    assert only_flexai_call(run_make(tmp_path / "a", "flexai-fetch", "CKPT=abc-123")) == \
+        ["checkpoint", "fetch", "abc-123", "--destination", "outputs/checkpoints/abc-123"]
+    assert only_flexai_call(run_make(tmp_path / "b", "flexai-fetch", "CKPT=abc-123", "DEST=outputs/adapter")) == \
+        ["checkpoint", "fetch", "abc-123", "--destination", "outputs/adapter"]
+
+
+def test_endpoint_url_prints_the_url_alone(tmp_path):
+    run = run_make(tmp_path, "-s", "flexai-endpoint-url", env_extra={"STUB_ENDPOINT_URL": "https://ep.example/x"})
+    assert only_flexai_call(run) == ["inference", "inspect", "vlm-grpo-training-endpoint", "-j"]
+    assert run.stdout == "https://ep.example/x\n"  # what `export ENDPOINT_URL=$(make -s flexai-endpoint-url)` takes
 
 
 def test_flexai_bench_runs_the_benchmark_on_the_runtime(tmp_path):
@@ -257,8 +270,9 @@ def test_missing_ckpt_is_one_line_and_runs_nothing(tmp_path, target):
 
 @pytest.mark.parametrize(
     "target", ["flexai-connect", "flexai-secret", "flexai-train", "flexai-resume", "flexai-inspect",
-               "flexai-logs", "flexai-checkpoints", "flexai-fetch", "flexai-dataset-push", "flexai-checkpoint-push",
-               "flexai-serve", "flexai-endpoint", "flexai-bench"],
+               "flexai-logs", "flexai-checkpoints", "flexai-stop", "flexai-fetch", "flexai-dataset-push",
+               "flexai-checkpoint-push", "flexai-serve", "flexai-endpoint", "flexai-endpoint-url", "flexai-serve-delete",
+               "flexai-bench"],
 )
 def test_missing_cli_is_one_line_and_runs_nothing(tmp_path, target):
     path_tail = "/usr/bin:/bin"
@@ -479,26 +493,133 @@ def test_info_prints_resolved_values(tmp_path):
 
 
 def test_info_command_line_is_what_flexai_train_runs(tmp_path):
-    import shlex
-
     info = run_make(tmp_path / "info", "info", "ACCELS=4", "SECRET=<x>")
-    printed = info.stdout.split("make flexai-train runs:\n", 1)[1].strip()
+    header, printed = info.stdout.splitlines()[:2]  # the job's command comes first
+    assert header == "make flexai-train runs:"
     train = run_make(tmp_path / "train", "flexai-train", "ACCELS=4", "SECRET=<x>")
     assert shlex.split(printed)[1:] == only_flexai_call(train)
 
 
-# ---- README.md's "Run it on FlexAI" commands ---------------------------------------------------------------------
+def help_groups(text: str) -> dict[str, list[str]]:
+    """`make help`'s target lines by group heading (a line ending in `:` before them)."""
+    groups, current = {}, None
+    for line in text.split("Knobs (default", 1)[0].splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = groups.setdefault(line[:-1], [])
+        elif line.startswith("  ") and current is not None:
+            current.append(line.split()[0])
+    return groups
+
+
+def test_help_groups_the_targets_by_stage_and_marks_the_paid_ones(tmp_path):
+    run = run_make(tmp_path, "help")
+    groups = help_groups(run.stdout)
+    heads = [g.split(" (")[0].split(":")[0] for g in groups]
+    assert heads == ["Start here", "Local, free", "FlexAI training", "After training", "Serving on FlexAI", "Benchmarks",
+                     "Docker"], heads
+    by_target = {t: g for g, targets in groups.items() for t in targets}
+    assert by_target["merge"].startswith("After training") and by_target["flexai-serve-delete"].startswith("Serving")
+    assert by_target["dry-run"].startswith("Local, free") and by_target["flexai-stop"].startswith("FlexAI training")
+    paid = {line.split()[0] for line in run.stdout.splitlines() if line.startswith("  ") and "[paid]" in line}
+    # exactly the targets whose recipe starts a FlexAI job or endpoint (`training run`, `inference serve`)
+    assert paid == {"flexai-train", "flexai-resume", "flexai-bench", "flexai-serve"}
+
+
+def test_info_says_which_code_the_job_runs(tmp_path):
+    run = run_make(tmp_path, "info", "REPO_URL=https://github.com/me/fork", "REVISION=my-branch")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    i = lines.index("Code the job runs: FlexAI clones REPO_URL at REVISION, not this working copy:")
+    assert lines[i + 1] == "  https://github.com/me/fork at my-branch"
+
+
+def test_dry_run_is_the_jobs_entry_with_dry_run_here(tmp_path):
+    """`make dry-run` runs make flexai-train's entry (knobs applied) with the venv's accelerate and --dry_run; DIR
+    stands in for the FlexAI dataset mount."""
+    train = entry(only_flexai_call(run_make(tmp_path / "t", "flexai-train", "ACCELS=4", "DATASET=d")))
+    run = run_make(tmp_path / "d", "-n", "-o", ".venv/.installed", "dry-run", "ACCELS=4", "DATASET=d", "DIR=my data/",
+                   tools=())
+    assert run.returncode == 0, run.stderr
+    (line,) = [line for line in run.stdout.splitlines() if "grpo_vlm.py" in line]
+    assert line.startswith(f"PATH={REPO}/.venv/bin:")
+    argv = shlex.split(line.split(" ", 1)[1])
+    assert argv == [*train, "--dry_run", "--dataset_name", "my data/"]
+    assert_one_line_error(run_make(tmp_path / "n", "dry-run", "NODES=2", tools=()), "NODES=2", "NODES=1 ACCELS=N")
+
+
+# ---- the code a job runs: REPO_URL at REVISION, not the working copy --------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    """A git checkout holding the Makefile, with remote `origin` = https://github.com/me/fork whose `main` (as last
+    fetched) is the checkout's HEAD: a working copy the job's REPO_URL at REVISION contains."""
+    repo = tmp_path / "clone"
+    (repo / "code" / "vlm-grpo").mkdir(parents=True)
+    shutil.copy(MAKEFILE, repo / "Makefile")
+    shutil.copy(REPO / "code" / "vlm-grpo" / "deepspeed_zero3.yaml", repo / "code" / "vlm-grpo")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "init")
+    git(repo, "remote", "add", "origin", "git@github.com:me/fork.git")
+    git(repo, "update-ref", "refs/remotes/origin/main", "HEAD")
+    git(repo, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
+    return repo
+
+
+def train_in(repo: Path, tmp: Path, *knobs: str) -> subprocess.CompletedProcess:
+    bin_dir = make_stub_dir(tmp)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "STUB_CALLS": str(tmp / "calls")}
+    return subprocess.run(["make", "--no-print-directory", "flexai-train", *knobs], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+FORK = "REPO_URL=https://github.com/me/fork"
+
+
+def test_no_warning_when_the_revision_holds_the_working_copy(clone, tmp_path):
+    for knobs in ((FORK,), (FORK, "REVISION=main"), (FORK + ".git/", "REVISION=main")):
+        run = train_in(clone, tmp_path, *knobs)
+        assert run.returncode == 0 and run.stderr == "", (knobs, run.stderr)
+
+
+@pytest.mark.parametrize("change, knobs, says", [
+    (lambda repo: (repo / "my_reward.py").write_text("x = 1\n"), (FORK,), "1 uncommitted or untracked file(s)"),
+    (lambda repo: git(repo, "commit", "-q", "--allow-empty", "-m", "local"), (FORK,), "is not in origin/main"),
+    (lambda repo: git(repo, "checkout", "-qb", "mine"), (FORK, "REVISION=mine"), "branch mine is not on origin"),
+    (lambda repo: [git(repo, *a) for a in (("commit", "-q", "--allow-empty", "-m", "x"), ("tag", "v2"))],
+     (FORK, "REVISION=v2"), "REVISION=v2 is on no branch of origin"),  # a tag of an unpushed commit
+    (lambda repo: None, (FORK, "REVISION=nowhere"), "REVISION=nowhere is neither a branch of origin"),
+    (lambda repo: None, (), "no remote of it is REPO_URL"),  # the default: the seed's upstream repository
+])
+def test_the_job_warns_when_its_revision_cannot_hold_the_working_copy(clone, tmp_path, change, knobs, says):
+    change(clone)
+    run = train_in(clone, tmp_path, *knobs)
+    assert run.returncode == 0, run.stderr  # a warning: the job still starts
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("warning: the job runs ") and "not this working copy" in line and says in line, line
+    assert len(list((tmp_path / "calls").glob("*.argv"))) == 1
+
+
+# ---- README.md's quickstart commands ------------------------------------------------------------------------------
 
 
 def readme_make_commands() -> list[list[str]]:
-    section = (REPO / "README.md").read_text().split("## Run it on FlexAI", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "README.md").read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     return [c for b in shell_blocks(section) for c in block_commands(b) if c[0] == "make"]
 
 
 def test_readme_flexai_commands_run_as_written(tmp_path):
     commands = readme_make_commands()
     targets = set(re.findall(r"^([a-z][a-z0-9-]*):.*## ", MAKEFILE.read_text(), re.M))
-    assert {"flexai-dataset-push", "flexai-checkpoint-push", "flexai-serve"} <= {c[1] for c in commands}
+    assert {"smoke", "test", "flexai-connect", "flexai-secret", "info", "flexai-train", "flexai-logs"} <= \
+        {c[1] for c in commands}
     for i, argv in enumerate(commands):
         target, knobs = argv[1], [a for a in argv[2:] if "=" in a]
         assert target in targets and {k.split("=", 1)[0] for k in knobs} <= set(knob_names()), argv
@@ -598,7 +719,7 @@ def test_set_up_builds_and_installs_vllm_for_cpu(tmp_path, target):
     assert len(build) == 1, out
     # the project's pins and vLLM's runtime pins in one resolver call: torch stays the pinned 2.8.0
     assert build[0].endswith("--install code/vlm-grpo/requirements-dev.txt code/vlm-grpo/requirements-vllm-cpu.txt")
-    assert "--wheel-dir .cache/wheels" in build[0]  # not .whl/: the device machine's wheels live there
+    assert "--wheel-dir .cache/wheels" in build[0]  # not .whl/, which holds other wheels
     assert out.index("pip install -r code/vlm-grpo/requirements-dev.txt") < out.index("scripts/build_vllm_cpu.py")
 
 

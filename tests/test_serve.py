@@ -114,10 +114,13 @@ def test_the_endpoint_answers_about_each_image_through_the_users_client(server, 
         assert reply["usage"]["prompt_tokens"] == processor_prompt_tokens(merged, Image.open(path).convert("RGB"), question)
 
 
-def test_the_command_line_client_prints_the_completion_and_the_graded_answer(server):
+def test_the_guides_test_call_prints_the_completion_and_the_graded_answer(server):
+    from test_infer import docs_infer_args
+
+    # the guide's `make infer INFER_ARGS=...` of the serving step, ENDPOINT_URL being the server's
+    args = [server if a == "$ENDPOINT_URL" else a for a in docs_infer_args()]
     proc = subprocess.run(
-        [PYTHON, "scripts/infer.py", "--endpoint", server, "--image", "experiments/vlm-grpo/samples/number.png",
-         "--question", "What number is written in the image?", "--max_new_tokens", "8"],
+        [PYTHON, "scripts/infer.py", *args, "--max_new_tokens", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": "key-never-printed"},
     )
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
-"""The guide's offline walkthrough (experiments/vlm-grpo/README.md, "Offline walkthrough"), run line by line as the
-page shows it: the `make` commands are read from the Markdown, so the page and this test cannot drift apart.
+"""README.md's offline rehearsal: the quickstart's `make smoke` line, then "Rehearse the rest offline" (merge,
+evaluate, ask, plot), run line by line as the page shows them: the `make` commands are read from the Markdown, so the
+page and this test cannot drift apart.
 
 Two substitutions keep it inside a temporary folder and a few CPU minutes: `outputs/smoke` becomes the test's folder,
 and `make smoke` (2 processes, vLLM, 4 steps of 1024-token completions) is replaced by grpo_vlm.py trained in one
@@ -22,15 +23,19 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-GUIDE = REPO / "experiments" / "vlm-grpo" / "README.md"
-HEADING = "### Offline walkthrough"
+README = REPO / "README.md"
 VENV = Path(sys.executable).parent.parent  # the venv running the tests: the one `make` must use
 
 
-def walkthrough_commands() -> list[list[str]]:
-    section = GUIDE.read_text().split(HEADING, 1)[1]
-    section = section.split("\n## ", 1)[0].split("\n### ", 1)[0]
+def section_commands(heading: str) -> list[list[str]]:
+    section = README.read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     return [c for block in shell_blocks(section) for c in block_commands(block)]
+
+
+def walkthrough_commands() -> list[list[str]]:
+    """The quickstart's smoke line, then the rehearsal's lines."""
+    smoke = [c for c in section_commands("## Quickstart") if c[:2] == ["make", "smoke"]]
+    return smoke + section_commands("## Rehearse the rest offline")
 
 
 def knob(argv: list[str], name: str) -> str:
