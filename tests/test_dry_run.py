@@ -314,7 +314,7 @@ def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate(timeout=900)  # about 80 s alone on 2 cores; far more when they are shared
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
