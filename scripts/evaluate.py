@@ -34,9 +34,9 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
 
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor  # noqa: E402
-from data import IMAGE_POLICIES, DatasetError  # noqa: E402
+from data import IMAGE_POLICIES, SOURCE_INDEX, SPLIT_RECORD, DatasetError  # noqa: E402
 from generation import GenerationSettings, hf_generate, vllm_available, vllm_generate  # noqa: E402
-from grpo_vlm import SOURCE_INDEX, SPLIT_RECORD, VLMGRPOScriptArguments, load_datasets  # noqa: E402
+from grpo_vlm import VLMGRPOScriptArguments, load_datasets  # noqa: E402
 from path_checks import check_model_path, check_output_dir  # noqa: E402
 from rewards import ACCURACY_EVENTS, REWARD_FUNCS  # noqa: E402
 

@@ -13,13 +13,13 @@ import grpo_vlm
 from grpo_vlm import (
     ConfigError,
     VLMGRPOScriptArguments,
-    find_resume_checkpoint,
     normalize_target_modules,
     parse_args,
     resolve_args,
     validate_args,
     vision_token_ban,
 )
+from resume import find_resume_checkpoint
 
 SCRIPT = "code/vlm-grpo/grpo_vlm.py"
 # The seed's grpo_vlm.py arguments: everything after the script in its `accelerate launch` line.

@@ -1,8 +1,9 @@
-"""scripts/bench.py on CPU: its FLOP count against torch's own counter, the GPU split of --parallel, and one real
-(tiny) benchmark run end to end. The GPU numbers themselves are in experiments/vlm-grpo/BENCHMARKS.md."""
+"""scripts/bench.py (its parts in scripts/benchkit/) on CPU: the FLOP count against torch's own counter, the GPU split
+of --parallel, `--refigure` against the committed figures, and one real (tiny) benchmark run end to end. The GPU numbers themselves are in experiments/vlm-grpo/BENCHMARKS.md."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import bench
+from benchkit import REPO, flops, report, runner
 
 
 def test_forward_flops_match_torch_flop_counter(tiny_model, processor):
-    """bench.train_flops' forward count (the MFU numerator) against torch.utils.flop_counter on the real model:
+    """flops.train_flops' forward count (the MFU numerator) against torch.utils.flop_counter on the real model:
     the decoder, the LM head over completion positions only, and the vision tower with its window attention.
     Eager attention, because the counter sees its matmuls (it has no formula for CPU SDPA kernels). It counts the
     decoder's full T x T score matrix, masked or not; the formula only the causal half, so the totals must differ by
@@ -36,9 +37,9 @@ def test_forward_flops_match_torch_flop_counter(tiny_model, processor):
               image_grid_thw=batch["image_grid_thw"], logits_to_keep=completion_len + 1)
     counted = counter.get_total_flops()
 
-    arch = bench.load_arch(tiny_model)
+    arch = flops.load_arch(tiny_model)
     patches = [int(g.prod()) for g in batch["image_grid_thw"]]
-    formula = bench.train_flops(arch, B, T, completion_len, patches, lora_r=0, checkpointing=False)
+    formula = flops.train_flops(arch, B, T, completion_len, patches, lora_r=0, checkpointing=False)
     causal_half = 2 * B * T * T * arch["d"] * arch["L"]
     assert formula["vision"] == pytest.approx(vision_counter.get_total_flops(), rel=1e-6)
     assert formula["fwd"] + causal_half == pytest.approx(counted, rel=1e-3)
@@ -62,7 +63,7 @@ def _two_image_batch(processor, completion_len: int):
 
 
 def test_backward_and_recompute_flops_match_torch_flop_counter(tiny_model, processor):
-    """bench.train_flops' backward and recompute terms against torch.utils.flop_counter on a real backward pass of the
+    """flops.train_flops' backward and recompute terms against torch.utils.flop_counter on a real backward pass of the
     training setup: frozen tiny model with LoRA on q_proj/v_proj, input embeddings' output requiring grad (what TRL
     does for PEFT + checkpointing), loss over the completion positions' logits, with and without non-reentrant
     gradient checkpointing. The counter sees the full T x T attention matrices; the formula counts the causal half,
@@ -98,24 +99,24 @@ def test_backward_and_recompute_flops_match_torch_flop_counter(tiny_model, proce
     fwd_counted, bwd_counted = count(checkpointing=False)
     fwd_counted_ckpt, bwd_counted_ckpt = count(checkpointing=True)
 
-    arch = bench.load_arch(tiny_model)
+    arch = flops.load_arch(tiny_model)
     patches = [int(g.prod()) for g in batch["image_grid_thw"]]
-    formula = bench.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=True)
+    formula = flops.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=True)
     causal_half = 2 * B * T * T * arch["d"] * arch["L"]
     assert fwd_counted_ckpt == fwd_counted
     assert formula["fwd"] + causal_half == pytest.approx(fwd_counted, rel=1e-3)
     assert formula["bwd"] + 2 * causal_half == pytest.approx(bwd_counted, rel=1e-9)
     assert formula["recompute"] + causal_half == pytest.approx(bwd_counted_ckpt - bwd_counted, rel=1e-9)
     assert formula["recompute"] > 0
-    no_ckpt = bench.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=False)
+    no_ckpt = flops.train_flops(arch, B, T, completion_len, patches, lora_r=lora_r, checkpointing=False)
     assert no_ckpt["recompute"] == 0 and no_ckpt["bwd"] == formula["bwd"]
 
 
 def test_parallel_gpu_split():
-    assert bench.gpu_slices(2, 2, 4, parallel=True) == [[0, 1], [2, 3]]
-    assert bench.gpu_slices(2, 2, 2, parallel=False) == [[0, 1], [0, 1]]
+    assert runner.gpu_slices(2, 2, 4, parallel=True) == [[0, 1], [2, 3]]
+    assert runner.gpu_slices(2, 2, 2, parallel=False) == [[0, 1], [0, 1]]
     with pytest.raises(SystemExit, match="needs 2 configurations x 2 GPUs = 4 GPUs, this machine has 2"):
-        bench.gpu_slices(2, 2, 2, parallel=True)
+        runner.gpu_slices(2, 2, 2, parallel=True)
 
 
 @pytest.mark.slow
@@ -147,23 +148,23 @@ def test_bench_runs_end_to_end_on_cpu(repo_root, tmp_path):
 
 # ---- issue 11: names and units, the vLLM path's trainer side ------------------------------------------------------
 
-RESULTS = bench.REPO / "experiments" / "vlm-grpo" / "bench-results"
+RESULTS = REPO / "experiments" / "vlm-grpo" / "bench-results"
 
 
 def test_datasheet_peaks_are_the_dense_bf16_figures():
     """NVIDIA's datasheets print bf16 tensor-core peaks with 2:4 sparsity (H100/H200 SXM 1,979, H100 PCIe 1,513,
     NVL 1,671 TFLOP/s); MFU's denominator is the dense half. PCIe/NVL names must not fall through to the SXM figure."""
-    assert bench.datasheet_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(1979 / 2, abs=0.5)
-    assert bench.datasheet_tflops("NVIDIA H200") == pytest.approx(1979 / 2, abs=0.5)
-    assert bench.datasheet_tflops("NVIDIA H100 PCIe") == pytest.approx(1513 / 2, abs=0.5)
-    assert bench.datasheet_tflops("NVIDIA H200 NVL") == pytest.approx(1671 / 2, abs=0.5)
-    assert bench.datasheet_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert flops.datasheet_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(1979 / 2, abs=0.5)
+    assert flops.datasheet_tflops("NVIDIA H200") == pytest.approx(1979 / 2, abs=0.5)
+    assert flops.datasheet_tflops("NVIDIA H100 PCIe") == pytest.approx(1513 / 2, abs=0.5)
+    assert flops.datasheet_tflops("NVIDIA H200 NVL") == pytest.approx(1671 / 2, abs=0.5)
+    assert flops.datasheet_tflops("NVIDIA A100-SXM4-80GB") is None
 
 
 def test_utilisation_figures_on_a_worked_example():
     """1e15 model FLOPs + 0.5e15 recomputation in 2 s of forward + backward, a 10 s step with 0.25e15 FLOPs of
     no-grad forwards, 20,000 real tokens, 1,000 TFLOP/s datasheet, 800 measured."""
-    f = bench.utilisation({"fwd": 0.4e15, "bwd": 0.6e15, "recompute": 0.5e15, "nograd": 0.25e15}, train_s=2.0,
+    f = flops.utilisation({"fwd": 0.4e15, "bwd": 0.6e15, "recompute": 0.5e15, "nograd": 0.25e15}, train_s=2.0,
                           step_s=10.0, tokens_real=20_000, datasheet=1000.0, matmul=800.0)
     assert f == pytest.approx({"train_tflops": 750.0, "train_mfu": 0.5, "train_hfu": 0.75, "train_hfu_vs_matmul": 0.9375,
                                "step_mfu": 0.1, "step_hfu": 0.175, "e2e_tok_s": 2000.0})
@@ -176,7 +177,7 @@ def test_refigured_files_are_what_refigure_derives_from_the_raw_files(call):
     training-phase MFU = (fwd + bwd FLOPs) / (forward + backward s) / 989.4 TFLOP/s, rank mean."""
     raw = json.loads((RESULTS / f"{call}.json").read_text())
     derived = json.loads((RESULTS / f"{call}.figures.json").read_text())
-    assert derived == json.loads(json.dumps(bench.refigure(raw, f"experiments/vlm-grpo/bench-results/{call}.json")))
+    assert derived == json.loads(json.dumps(report.refigure(raw, f"experiments/vlm-grpo/bench-results/{call}.json")))
     tuned = next(r for r in raw["results"] if r["name"] == "tuned")
     by_hand = sum((r["flops_per_step"]["fwd"] + r["flops_per_step"]["bwd"])
                   / (r["phases_per_step"]["forward"] + r["phases_per_step"]["backward"]) / 989.4e12
@@ -184,6 +185,26 @@ def test_refigured_files_are_what_refigure_derives_from_the_raw_files(call):
     assert next(r for r in derived["results"] if r["name"] == "tuned")["train_mfu"] == pytest.approx(by_hand)
     # the old recompute-counted "MFU" of the raw file was above this page's HFU vs matmul (down_proj was counted)
     assert tuned["mfu"] > next(r for r in derived["results"] if r["name"] == "tuned")["train_hfu_vs_matmul"]
+
+
+REFIGURED = ["1-upstream-vision-loop", "2-batched-vision", "3-batched-vision-zero3-knobs"]
+
+
+def test_refigure_command_rewrites_every_committed_figures_file_byte_for_byte(tmp_path):
+    """`scripts/bench.py --refigure RAW` (the command BENCHMARKS.md gives) writes RAW's *.figures.json beside it, and
+    records RAW's path relative to the repository. So it runs on a copy of scripts/ and of each raw file in the same
+    layout under tmp_path (the committed files are never written), and its output must equal the committed file
+    byte for byte: a change to the FLOP model, the utilisation formulas or the writer shows up here."""
+    assert sorted(p.name for p in RESULTS.glob("*.figures.json")) == [f"{call}.figures.json" for call in REFIGURED]
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    results = tmp_path / "experiments" / "vlm-grpo" / "bench-results"
+    results.mkdir(parents=True)
+    for call in REFIGURED:
+        shutil.copy(RESULTS / f"{call}.json", results)
+        proc = subprocess.run([sys.executable, str(tmp_path / "scripts" / "bench.py"), "--refigure",
+                               str(results / f"{call}.json")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (results / f"{call}.figures.json").read_bytes() == (RESULTS / f"{call}.figures.json").read_bytes(), call
 
 
 @pytest.mark.slow

@@ -78,6 +78,20 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 # ---- checking -----------------------------------------------------------------------------------------------
 
 
+def check_adapter_file(adapter: Path) -> None:
+    """The adapter file a training run just saved holds LoRA tensors, none of them empty (grpo_vlm.save_outputs)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), framework="pt") as f:
+        keys = list(f.keys())
+        empty = [k for k in keys if f.get_slice(k).get_shape() in ([], [0])]
+    if not keys or empty:
+        raise RuntimeError(
+            f"{adapter} holds no LoRA weights ({len(keys)} tensors, {len(empty)} empty): under ZeRO-3 the accelerate "
+            "config needs `zero3_save_16bit_model: true` (trl#4416, peft#2892)."
+        )
+
+
 def _model_name(path_or_id: str) -> str:
     return Path(str(path_or_id).rstrip("/")).name.lower()
 

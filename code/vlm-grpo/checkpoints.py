@@ -43,7 +43,6 @@ STAGING_PREFIX = ".partial-"  # output_dir/.partial-checkpoint-N/ while checkpoi
 MOVED_ASIDE = "previous-"  # `--resume fresh` moves an old run into output_dir/previous-K/
 FAULT_ENV = "VLM_GRPO_FAULT"
 FAULT_POINTS = ("save_start", "before_optimizer", "after_files", "before_rename")
-RESUME_MODES = ("auto", "require", "continue", "fresh")
 # How deep the input checkpoint mount is searched: /input-checkpoint/<name>/grpo-.../checkpoint-N is 3 levels.
 INPUT_SEARCH_DEPTH = 3
 
@@ -539,3 +538,7 @@ class GracefulStop(TrainerCallback):
     @property
     def exit_status(self) -> int:
         return 128 + (self.signum or 0)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name

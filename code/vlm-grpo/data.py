@@ -10,6 +10,7 @@ file), or `synthetic` (synthetic_data.py). Each row needs `image`, `problem` and
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from collections import Counter
@@ -405,3 +406,28 @@ def split_train_eval(ds, eval_fraction: float, seed: int):
         raise DatasetError(f"eval_fraction={eval_fraction} leaves no training rows out of {len(ds)}: lower it")
     split = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return split["train"], split["test"]
+
+
+# ---- the run's split, recorded ------------------------------------------------------------------------------
+
+SOURCE_INDEX = "source_index"
+SPLIT_RECORD = "split.json"
+
+
+def split_record(script_args, training_args, train_dataset, held_out) -> dict:
+    """Which source rows the run trained on and which it held out: evaluation reads this instead of re-deriving the
+    split from arguments, so it can never score a training row (different filters shift a re-derived split)."""
+    return {
+        "dataset_name": script_args.dataset_name,
+        "dataset_config": script_args.dataset_config,
+        "dataset_train_split": script_args.dataset_train_split,
+        "seed": training_args.seed,
+        "eval_fraction": script_args.eval_fraction,
+        "train_source_indices": sorted(train_dataset[SOURCE_INDEX]),
+        "held_out_source_indices": sorted(held_out[SOURCE_INDEX]) if held_out is not None else [],
+    }
+
+
+def write_split_record(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPLIT_RECORD).write_text(json.dumps(record))

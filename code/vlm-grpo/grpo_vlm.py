@@ -45,34 +45,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 
-from checkpoints import (  # noqa: E402
-    RESUME_MODES,
-    RUN_ARGS,
-    CheckpointError,
-    GracefulStop,
-    check_explicit_checkpoint,
-    choose_checkpoint,
-    describe_folder,
-    holds_a_run,
-    move_run_aside,
-    read_signature,
-    signature_diff,
-    training_signature,
-)
+from adapters import check_adapter_file  # noqa: E402
+from checkpoints import RUN_ARGS, GracefulStop, training_signature  # noqa: E402
+from config_error import ConfigError  # noqa: E402  (tests and scripts import it from here too)
 from data import (  # noqa: E402
     IMAGE_POLICIES,
+    SOURCE_INDEX,
+    SPLIT_RECORD,
     DatasetError,
     load_raw_dataset,
     prepare_dataset,
+    split_record,
     split_train_eval,
     survey_dataset,
+    write_split_record,
 )
 from generation import vision_token_ban  # noqa: E402
 from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
+from resume import RESUME_MODES, resume_point  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
 
 logger = logging.getLogger("grpo_vlm")
+
+
+# ---- arguments --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class VLMGRPOScriptArguments(ScriptArguments):
@@ -191,9 +189,6 @@ class VLMGRPOScriptArguments(ScriptArguments):
             raise ConfigError(f"--max_image_side must be >= 0 (0: no limit), got {self.max_image_side}")
 
 
-# ---- arguments ------------------------------------------------------------------------------------------------
-
-
 def make_parser() -> TrlParser:
     import torch
 
@@ -251,12 +246,13 @@ def normalize_target_modules(modules: list[str] | str | None) -> list[str] | str
     return names
 
 
-class ConfigError(ValueError):
-    """A setting this recipe refuses, with the reason and the fix."""
+# ---- checks -----------------------------------------------------------------------------------------------
 
 
 def validate_args(script_args, training_args, model_args) -> None:
     """Refuse known-bad settings before any data or weights are loaded."""
+    from zero3 import zero_stage  # as in setup: zero3 patches TRL's trainer module on import
+
     try:
         # a typo'd local folder would otherwise reach huggingface_hub as a Hub id: a traceback, not a message
         check_model_path(model_args.model_name_or_path)
@@ -290,7 +286,7 @@ def validate_args(script_args, training_args, model_args) -> None:
             )
     if model_args.use_peft and not model_args.lora_target_modules:
         logger.warning("--use_peft without --lora_target_modules: PEFT picks Qwen2's defaults (q_proj, v_proj).")
-    if _zero_stage() == 3 and model_args.use_peft and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL") == "false":
+    if zero_stage() == 3 and model_args.use_peft and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL") == "false":
         raise ConfigError(
             "ZeRO-3 with zero3_save_16bit_model: false saves an empty LoRA adapter (trl#4416, peft#2892). "
             "Set `zero3_save_16bit_model: true` in the accelerate config (code/vlm-grpo/deepspeed_zero3.yaml has it)."
@@ -384,12 +380,19 @@ def check_vllm_lora_targets(training_args, model_args) -> None:
         )
 
 
-def _zero_stage() -> int | None:
-    """ZeRO stage from `accelerate launch`'s environment (None outside DeepSpeed)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return None
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage else None
+def check_output_location(script_args, training_args) -> None:
+    """An unwritable --output_dir stops the run now, not at the first checkpoint save after hours of training.
+    A dry run only warns: it may check a FlexAI command (/output-checkpoint/...) on a laptop."""
+    if script_args.dry_run:
+        problem = output_dir_problem(training_args.output_dir)
+        if problem:
+            logger.warning("--output_dir %s cannot be written here (%s): fine only where the job runs (FlexAI "
+                           "mounts /output-checkpoint)", training_args.output_dir, problem)
+        return
+    try:
+        check_output_dir(training_args.output_dir)
+    except PathError as err:
+        raise ConfigError(str(err)) from err
 
 
 def resolve_args(script_args, training_args, model_args, processor=None) -> None:
@@ -404,7 +407,8 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
     if training_args.use_vllm and training_args.vllm_max_model_length is None and script_args.max_prompt_length:
         # vLLM otherwise sizes for the model's 128k context; the run never needs more than prompt + completion.
         training_args.vllm_max_model_length = script_args.max_prompt_length + training_args.max_completion_length
-    resolve_resume(script_args, training_args, model_args)
+    training_args.resume_from_checkpoint, script_args.resume_weights_only = resume_point(
+        script_args, training_args, model_args)
     if processor is not None:
         # The ban is merged into the user's own generation kwargs: a user `suppress_tokens`/`bad_words` adds to it.
         kwargs = dict(training_args.generation_kwargs or {})
@@ -413,107 +417,33 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
         training_args.generation_kwargs = kwargs
 
 
-def find_resume_checkpoint(output_dir: str | None, world_size: int | None = None, deepspeed: bool | None = None):
-    """The newest whole trainer checkpoint across FlexAI's input checkpoint (`--checkpoint` of `flexai training run`,
-    mounted at FLEXAI_INPUT_CHECKPOINT_DIR in any layout: root, checkpoint-N/, <name>/..., grpo-.../checkpoint-N)
-    and output_dir's checkpoint-N (a restarted job continues where it stopped), or None. Damaged ones are skipped
-    with one warning each (checkpoints.checkpoint_problem)."""
-    return choose_resume_checkpoint(output_dir, world_size, deepspeed).path
-
-
-def choose_resume_checkpoint(output_dir, world_size, deepspeed, weights_only=False):
-    """checkpoints.choose_checkpoint over FLEXAI_INPUT_CHECKPOINT_DIR and output_dir, each damaged one it skipped
-    logged in one warning."""
-    choice = choose_checkpoint(output_dir, os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR"), world_size, deepspeed,
-                               weights_only)
-    for skipped in choice.skipped:
-        logger.warning("skipping a damaged checkpoint: %s", skipped)
-    return choice
-
-
-def uses_deepspeed(training_args) -> bool:
-    return bool(getattr(training_args, "deepspeed", None) or getattr(training_args, "deepspeed_plugin", None)
-                or _zero_stage() is not None)
-
-
-def resolve_resume(script_args, training_args, model_args) -> None:
-    """Sets training_args.resume_from_checkpoint (and whether it is weights only) from --resume, once for all
-    processes: the first process decides (and may move an old run aside), the others receive its decision, so every
-    process resumes the same checkpoint or fails with the same line."""
-    import torch.distributed as dist
-
-    distributed = training_args.world_size > 1 and dist.is_available() and dist.is_initialized()
-    decision = None
-    if not distributed or training_args.process_index == 0:
-        try:
-            decision = decide_resume(script_args, training_args, model_args)
-        except (CheckpointError, ConfigError) as err:
-            decision = {"error": str(err)}
-    if distributed:
-        box = [decision]
-        dist.broadcast_object_list(box, src=0)
-        decision = box[0]
-    if decision.get("error"):
-        raise ConfigError(decision["error"])
-    training_args.resume_from_checkpoint = decision["path"]
-    script_args.resume_weights_only = decision["weights_only"]
-
-
-def decide_resume(script_args, training_args, model_args) -> dict:
-    """{"path", "weights_only"}: what --resume, the folders and the saved arguments say; raises with one line."""
-    mode, out = script_args.resume, training_args.output_dir
-    input_dir = os.environ.get("FLEXAI_INPUT_CHECKPOINT_DIR")
-    # A dry run is not launched like the job (one process, no DeepSpeed): it does not check the process count.
-    world_size = None if script_args.dry_run else training_args.world_size
-    deepspeed = None if script_args.dry_run else uses_deepspeed(training_args)
-    current = training_signature(script_args, training_args, model_args)
-    weights_only = script_args.resume_weights_only
-    if weights_only and not model_args.use_peft:
-        raise ConfigError("--resume_weights_only loads a checkpoint's LoRA adapter: it needs --use_peft (a full "
-                          "fine-tuning checkpoint must be resumed with the same process count)")
-    if training_args.resume_from_checkpoint:  # the user named it: checked, never replaced by another
-        if mode == "fresh":
-            raise ConfigError("--resume fresh with --resume_from_checkpoint: choose one")
-        choice = check_explicit_checkpoint(training_args.resume_from_checkpoint, world_size, deepspeed, weights_only)
-        diff = signature_diff(read_signature(choice.path) or {}, current)
-        logger.info("resuming from %s (step %s%s)%s", choice.path, choice.step,
-                    ", weights only" if choice.weights_only or weights_only else "",
-                    f"; changed arguments: {diff}" if diff else "")
-        return {"path": choice.path, "weights_only": choice.weights_only or weights_only}
-    if mode == "fresh":
-        moved = None if script_args.dry_run else move_run_aside(out)
-        logger.info("--resume fresh: starting at step 0%s",
-                    f"; the earlier run in {out} moved to {moved}" if moved else "")
-        return {"path": None, "weights_only": False}
-    choice = choose_resume_checkpoint(out, world_size, deepspeed, weights_only)
-    fresh_hint = (f"--resume fresh to start at step 0 (the earlier run is moved to {out}/previous-K, nothing is "
-                  "deleted), or another --output_dir")
-    if choice.path is None:
-        if mode in ("require", "continue"):
-            skipped = f"; damaged: {'; '.join(choice.skipped)}" if choice.skipped else ""
-            raise ConfigError(f"--resume {mode}: no whole trainer checkpoint in FLEXAI_INPUT_CHECKPOINT_DIR="
-                              f"{describe_folder(input_dir)} nor in --output_dir {describe_folder(out)}{skipped}")
-        if input_dir:
-            logger.warning("FLEXAI_INPUT_CHECKPOINT_DIR=%s holds no whole trainer checkpoint: starting at step 0",
-                           input_dir)
-        saved = read_signature(out)
-        diff = signature_diff(saved, current) if saved and holds_a_run(out) else ""
-        if diff and not script_args.dry_run:
-            raise ConfigError(f"--output_dir {out} holds a run with other arguments ({diff}) and no checkpoint to "
-                              f"resume; starting over would overwrite its files: pass {fresh_hint}")
-        return {"path": None, "weights_only": False}
-    saved = read_signature(choice.path)
-    diff = signature_diff(saved, current) if saved else ""
-    if diff and mode != "continue":
-        raise ConfigError(f"{choice.path} (step {choice.step}) was trained with other arguments ({diff}): pass "
-                          f"--resume continue to resume it with the new ones, {fresh_hint}")
-    logger.info("resuming from %s (step %s%s)%s", choice.path, choice.step,
-                ", weights only: fresh optimizer" if choice.weights_only else "",
-                f"; changed arguments: {diff}" if diff else "")
-    return {"path": choice.path, "weights_only": choice.weights_only}
-
-
 # ---- stages -----------------------------------------------------------------------------------------------
+
+
+def setup(script_args, training_args, model_args):
+    """Checks and derived settings shared by training and --dry_run; returns the processor."""
+    import torch
+
+    from zero3 import configure_zero3
+
+    validate_args(script_args, training_args, model_args)
+    configure_zero3(
+        training_args,
+        on_gpu=torch.cuda.is_available(),
+        zero_optimization={
+            "stage3_param_persistence_threshold": script_args.zero3_param_persistence_threshold,
+            "stage3_prefetch_bucket_size": script_args.zero3_prefetch_bucket_size,
+        },
+    )
+    enable_batched_vision_attention(script_args.batched_vision_attention)
+    check_output_location(script_args, training_args)
+    try:
+        processor = load_processor(model_args)
+    except OSError as err:  # a Hub id that is not there (or not cached offline): transformers' message spans lines
+        raise ConfigError(str(model_load_error(model_args.model_name_or_path, err))) from err
+    resolve_args(script_args, training_args, model_args, processor)
+    check_vllm_lora_targets(training_args, model_args)
+    return processor
 
 
 def load_processor(model_args):
@@ -573,31 +503,6 @@ def load_datasets(script_args, training_args, processor, limit: int | None = Non
     return train, held_out, stats
 
 
-# ---- the run's split, recorded --------------------------------------------------------------------------------
-
-SOURCE_INDEX = "source_index"
-SPLIT_RECORD = "split.json"
-
-
-def split_record(script_args, training_args, train_dataset, held_out) -> dict:
-    """Which source rows the run trained on and which it held out: evaluation reads this instead of re-deriving the
-    split from arguments, so it can never score a training row (different filters shift a re-derived split)."""
-    return {
-        "dataset_name": script_args.dataset_name,
-        "dataset_config": script_args.dataset_config,
-        "dataset_train_split": script_args.dataset_train_split,
-        "seed": training_args.seed,
-        "eval_fraction": script_args.eval_fraction,
-        "train_source_indices": sorted(train_dataset[SOURCE_INDEX]),
-        "held_out_source_indices": sorted(held_out[SOURCE_INDEX]) if held_out is not None else [],
-    }
-
-
-def write_split_record(folder: Path, record: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SPLIT_RECORD).write_text(json.dumps(record))
-
-
 def batch_plan(training_args, num_train_rows: int) -> dict:
     """GRPO's batch arithmetic: per_device_train_batch_size counts completions, not prompts (trl#3020)."""
     procs = training_args.world_size
@@ -636,73 +541,6 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
         callbacks=callbacks,
         fast_paths=script_args.vllm_fast_paths,
     )
-
-
-def save_outputs(trainer, processor, output_dir: str) -> Path:
-    """Save adapter (or full model) and processor; refuse to finish with an empty adapter (trl#4416)."""
-    trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
-        processor.save_pretrained(output_dir)
-    trainer.accelerator.wait_for_everyone()
-    adapter = Path(output_dir) / "adapter_model.safetensors"
-    if adapter.exists():
-        check_adapter_file(adapter)
-        return adapter
-    return Path(output_dir)
-
-
-def check_adapter_file(adapter: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter), framework="pt") as f:
-        keys = list(f.keys())
-        empty = [k for k in keys if f.get_slice(k).get_shape() in ([], [0])]
-    if not keys or empty:
-        raise RuntimeError(
-            f"{adapter} holds no LoRA weights ({len(keys)} tensors, {len(empty)} empty): under ZeRO-3 the accelerate "
-            "config needs `zero3_save_16bit_model: true` (trl#4416, peft#2892)."
-        )
-
-
-def setup(script_args, training_args, model_args):
-    """Checks and derived settings shared by training and --dry_run; returns the processor."""
-    import torch
-
-    from zero3 import configure_zero3
-
-    validate_args(script_args, training_args, model_args)
-    configure_zero3(
-        training_args,
-        on_gpu=torch.cuda.is_available(),
-        zero_optimization={
-            "stage3_param_persistence_threshold": script_args.zero3_param_persistence_threshold,
-            "stage3_prefetch_bucket_size": script_args.zero3_prefetch_bucket_size,
-        },
-    )
-    enable_batched_vision_attention(script_args.batched_vision_attention)
-    check_output_location(script_args, training_args)
-    try:
-        processor = load_processor(model_args)
-    except OSError as err:  # a Hub id that is not there (or not cached offline): transformers' message spans lines
-        raise ConfigError(str(model_load_error(model_args.model_name_or_path, err))) from err
-    resolve_args(script_args, training_args, model_args, processor)
-    check_vllm_lora_targets(training_args, model_args)
-    return processor
-
-
-def check_output_location(script_args, training_args) -> None:
-    """An unwritable --output_dir stops the run now, not at the first checkpoint save after hours of training.
-    A dry run only warns: it may check a FlexAI command (/output-checkpoint/...) on a laptop."""
-    if script_args.dry_run:
-        problem = output_dir_problem(training_args.output_dir)
-        if problem:
-            logger.warning("--output_dir %s cannot be written here (%s): fine only where the job runs (FlexAI "
-                           "mounts /output-checkpoint)", training_args.output_dir, problem)
-        return
-    try:
-        check_output_dir(training_args.output_dir)
-    except PathError as err:
-        raise ConfigError(str(err)) from err
 
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
@@ -766,6 +604,19 @@ def train(script_args, training_args, model_args, processor, callbacks=None):
     return trainer
 
 
+def save_outputs(trainer, processor, output_dir: str) -> Path:
+    """Save adapter (or full model) and processor; refuse to finish with an empty adapter (trl#4416)."""
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    adapter = Path(output_dir) / "adapter_model.safetensors"
+    if adapter.exists():
+        check_adapter_file(adapter)
+        return adapter
+    return Path(output_dir)
+
+
 def main(script_args, training_args, model_args) -> Path | None:
     # force: intel_extension_for_pytorch (loaded by the CPU build of vLLM) gives the root logger a handler at
     # WARNING, which would silence this script's INFO lines (the data counts, the plan)
@@ -778,7 +629,7 @@ def main(script_args, training_args, model_args) -> Path | None:
     stop = trainer.graceful_stop
     if stop.signum:  # stopped early on purpose: the checkpoint is the result, not a final adapter
         if trainer.accelerator.is_main_process:
-            print(f"stopped by {signal_name(stop.signum)} after step {stop.stopped_at}: checkpoint-{stop.stopped_at} "
+            print(f"stopped by {stop.signal_name} after step {stop.stopped_at}: checkpoint-{stop.stopped_at} "
                   f"saved in {training_args.output_dir}; run the same command to resume (exit status "
                   f"{stop.exit_status})", flush=True)
         raise SystemExit(stop.exit_status)
@@ -786,12 +637,6 @@ def main(script_args, training_args, model_args) -> Path | None:
     if trainer.accelerator.is_main_process:
         print(f"saved: {saved}")
     return saved
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":

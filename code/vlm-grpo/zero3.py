@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 
 import trl.trainer.grpo_trainer as _trl_grpo_trainer
 
@@ -83,6 +84,14 @@ def unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params=Tru
 
 # GRPOTrainer looks the context manager up in its own module: swap it there, for this trainer and any other.
 _trl_grpo_trainer.unwrap_model_for_generation = unwrap_model_for_generation
+
+
+def zero_stage() -> int | None:
+    """ZeRO stage from `accelerate launch`'s environment (None outside DeepSpeed)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage else None
 
 
 def configure_zero3(training_args, on_gpu: bool, zero_optimization: dict | None = None) -> None:
