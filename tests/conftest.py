@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "code" / "vlm-grpo"
 SCRIPT = RECIPE_DIR / "grpo_vlm.py"
@@ -83,7 +85,7 @@ def run_script():
                 full_env.pop(key, None)
             else:
                 full_env[key] = str(value)
-        return subprocess.run(
+        return _proc.run(
             [_python(), str(SCRIPT), *map(str, args)],
             cwd=REPO_ROOT,
             env=full_env,

@@ -3,10 +3,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 import torch
 from PIL import Image
 
@@ -123,7 +124,7 @@ def test_bench_runs_end_to_end_on_cpu(repo_root, tmp_path):
     """One configuration, tiny model, 2 ZeRO-3 CPU processes: a record per rank and step, the phases, FLOPs and a
     table come out."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed", "--warmup", "1",
          "--steps", "1", "--completion_length", "8", "--rows", "32", "--image_side", "112", "--timeout_s", "600"],
         cwd=repo_root, capture_output=True, text=True, timeout=900,
@@ -193,7 +194,7 @@ def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_
     forward is there before and gone after, every step syncs weights, and after training the two syncs hand over
     identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once."""
     out, checkpoint_dir = tmp_path / "bench", tmp_path / "output-checkpoint"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed-trl,seed",
          "--vllm_stand_in", "--warmup", "1", "--steps", "1", "--completion_length", "8", "--rows", "32",
          "--image_side", "112", "--timeout_s", "600"],

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import subprocess
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from flexai_stub import DEFAULT_SECRET, REPO, SECRET_PLACEHOLDER, SEED_ARGV, block_commands, clean_env, run_make, shell_blocks
 from flexai_stub import run_make_with_local_inputs  # targets that check a local folder first get a valid one
 
@@ -114,7 +115,7 @@ def test_dry_run_targets_resolve(tmp_path):
     for argv in make_commands():
         targets, _ = split_make(argv)
         if targets[0] in DRY_RUN:
-            proc = subprocess.run(
+            proc = _proc.run(
                 ["make", "--no-print-directory", "-n", *argv[1:]], cwd=REPO, capture_output=True, text=True,
                 env=clean_env("/usr/local/bin:/usr/bin:/bin"), timeout=60,
             )

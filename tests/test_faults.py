@@ -32,9 +32,11 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 from checkpoints import checkpoint_problem
 from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, PYTHON, REPO, env, kill_tree, launch_cmd
+from test_train_cpu import FAST, PYTHON, REPO, env, launch_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +53,7 @@ def launch(model, out: Path, steps: int, processes: int = 2, extra=(), extra_env
            timeout: int = 420) -> subprocess.CompletedProcess:
     """The offline seed command under `accelerate launch`, its output captured (run() drains the pipes)."""
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(model, out, steps, extra), num_processes=processes)
-    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+    return _proc.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn)
 
 
@@ -190,10 +192,8 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_resumes(tiny_model, tmp_path
     out = copy_base(tiny_model, tmp_path)
     log = tmp_path / "stopped.log"
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(tiny_model, out, 8, ["--save_steps", "100"]))
-    with log.open("w") as sink:  # a file, not a pipe nobody drains while the test polls
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    try:
+    # the log is a file, not a pipe nobody drains while the test polls
+    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
         deadline = time.time() + 300
         while log.read_text().count("'loss'") < 1:  # step 3 is done: training is under way
             assert proc.poll() is None, log.read_text()[-4000:]
@@ -201,9 +201,6 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_resumes(tiny_model, tmp_path
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job's main process gets it
         status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
     text = log.read_text()
     line = first_line(text, "stopped by SIGTERM")
     assert line, text[-4000:]
@@ -257,12 +254,12 @@ def read_only_dir(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: a read-only mount is what refuses it
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                                 capture_output=True, text=True)
+        mounted = _proc.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                            capture_output=True, text=True, timeout=60)
         if mounted.returncode != 0:
             pytest.skip(f"root without a read-only mount: {mounted.stderr.strip()}")
         yield folder
-        subprocess.run(["umount", str(folder)], check=False)
+        _proc.run(["umount", str(folder)], check=False, timeout=60)
     else:
         folder.chmod(0o555)
         yield folder
@@ -272,7 +269,7 @@ def read_only_dir(tmp_path):
 def test_unwritable_output_dir_fails_before_training(tiny_model, read_only_dir):
     out = read_only_dir / "run"
     start = time.time()
-    proc = subprocess.run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *script_args(tiny_model, out, 2)],
+    proc = _proc.run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *script_args(tiny_model, out, 2)],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     took = time.time() - start
     assert proc.returncode != 0

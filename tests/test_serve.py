@@ -7,7 +7,6 @@ time and stopped by the test, whatever happens."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 import urllib.request
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO, make_adapter
 from flexai_stub import run_make
 
@@ -50,14 +51,12 @@ def server(merged, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged), "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "2048"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
+    with open(log_path, "w") as log, _proc.started(
+        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged), "--host", "127.0.0.1",
+         "--port", str(port), "--max-model-len", "2048"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    ) as proc:  # the server and its engine process are killed when the module's tests are done
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
@@ -70,10 +69,6 @@ def server(merged, tmp_path_factory):
                     pytest.fail(f"no /health after {START_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(2)
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
 
 
 def test_the_merged_folder_is_what_checkpoint_push_accepts(merged, tmp_path):
@@ -115,7 +110,7 @@ def test_the_endpoint_answers_about_each_image_through_the_users_client(server, 
 
 
 def test_the_command_line_client_prints_the_completion_and_the_graded_answer(server):
-    proc = subprocess.run(
+    proc = _proc.run(
         [PYTHON, "scripts/infer.py", "--endpoint", server, "--image", "experiments/vlm-grpo/samples/number.png",
          "--question", "What number is written in the image?", "--max_new_tokens", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": "key-never-printed"},
@@ -126,7 +121,7 @@ def test_the_command_line_client_prints_the_completion_and_the_graded_answer(ser
 
 
 def test_a_wrong_model_name_is_one_line(server, tmp_path):
-    proc = subprocess.run(
+    proc = _proc.run(
         [PYTHON, "scripts/infer.py", "--endpoint", server, "--served_model", "no-such-model", "--image",
          "experiments/vlm-grpo/samples/number.png", "--question", "What number?"],
         cwd=REPO, capture_output=True, text=True, timeout=120,

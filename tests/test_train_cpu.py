@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from flexai_stub import offline_seed_script_args
 
@@ -46,7 +47,7 @@ def launch_cmd(entry: str, args: list[str], num_processes: int = 2) -> list[str]
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -133,41 +134,21 @@ def test_zero3_tuning_flags_reach_deepspeed(tiny_model, tmp_path):
     assert not [n for n, c in report["base_changed"].items() if c]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group would leave them running)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 def test_kill_after_first_checkpoint_then_resume(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = [*seed_script_args(tiny_model, out, 4), *FAST, "--save_steps", "1"]
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", args)
     # The log goes to a file, not a pipe: nobody reads a pipe while we poll, and a full pipe (64 KiB) blocks the run.
     log = tmp_path / "first.log"
-    with log.open("w") as sink:
-        first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT,
-                                 start_new_session=True, text=True)
-    deadline = time.time() + 300
-    try:
+    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as first:
+        deadline = time.time() + 300
         # checkpoint-1 only appears once whole (written as .partial-checkpoint-1/, renamed after every process wrote
         # its files: checkpoints.CrashConsistentSaveMixin); test_faults.py kills runs in the middle of saves.
         while not (out / "checkpoint-1" / "trainer_state.json").exists():
             assert first.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
             assert time.time() < deadline, f"no checkpoint within 300 s:\n{log.read_text()[-4000:]}"
             time.sleep(0.5)
-    finally:
-        kill_tree(first.pid)  # launcher and workers at once, like a preempted node
-        first.wait()
+    # leaving the block killed launcher and workers at once, like a preempted node
     assert not (out / "adapter_model.safetensors").exists(), "the first run was killed before it finished"
     done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
 

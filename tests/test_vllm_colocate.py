@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from PIL import Image
 
 from _vllm import engine, engine_prompt_ids, require_vllm
@@ -201,7 +202,7 @@ def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_mode
 
     adapter = make_adapter(tiny_model)  # random non-zero B: it changes the outputs
     out = tmp_path / "eval"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", str(tiny_model),
          "--adapter", str(adapter), "--dataset_name", "synthetic", "--synthetic_rows", "64", "--eval_fraction", "0.1",
          "--max_samples", "4", "--max_new_tokens", "8", "--backend", "vllm", "--output_dir", str(out), "--no_progress"],
@@ -231,6 +232,6 @@ def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu(gpu):
         "patched = CPUWorker._get_autobind_cpu_ids\n"
         "print('upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _proc.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == ("upstream" if gpu else "replaced:all")

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO
 from flexai_stub import block_commands, shell_blocks
 from PIL import Image
@@ -44,7 +46,7 @@ def make(argv: list[str], smoke_dir: Path) -> subprocess.CompletedProcess:
     args = [a.replace("outputs/smoke", str(smoke_dir)) for a in argv[1:]]
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", f"VENV={VENV}", *args],
+    return _proc.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", f"VENV={VENV}", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -59,7 +61,7 @@ def test_the_walkthrough_runs_as_written(tmp_path, tiny_model):
     shutil.copytree(tiny_model, smoke_dir / "tiny-qwen2.5-vl")
 
     # make smoke, shortened: smoke.sh's model, dataset and output dir, the page's SMOKE_ARGS
-    train = subprocess.run(
+    train = _proc.run(
         [sys.executable, "code/vlm-grpo/grpo_vlm.py", "--model_name_or_path", smoke_dir / "tiny-qwen2.5-vl",
          "--dataset_name", "synthetic", "--output_dir", smoke_dir / "run", "--max_steps", "2",
          "--max_completion_length", "16", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
