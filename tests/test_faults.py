@@ -238,6 +238,11 @@ def test_full_disk_during_a_save(tiny_model, tmp_path):
     seen = first_line(full.stderr, "unexpected pos", "File too large")
     assert seen, full.stderr[-3000:]
     assert not (out / "checkpoint-3").exists()
+    # where it failed: step 3 trained (logged), then its save began in the staging folder and stopped there
+    assert (full.stdout + full.stderr).count("'loss'") == 1, "step 3 was trained and logged before the save"
+    staged = out / ".partial-checkpoint-3" / "checkpoint-3"
+    assert (staged / "adapter_model.safetensors").stat().st_size == adapter, "the adapter (under the limit) was saved"
+    assert "optimizer" in (checkpoint_problem(staged, 2, True) or ""), "the save stopped at the optimizer shards"
 
     finish_from(tiny_model, out, resumed=2)
     record("full disk during a save", f"`RLIMIT_FSIZE` of {limit} bytes on the launched processes (the adapter "
