@@ -67,8 +67,15 @@ def base_run(model) -> Path:
         proc = launch(model, out, steps=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert all(checkpoint_problem(out / f"checkpoint-{s}", 2, True) is None for s in (1, 2))
-        _BASE["run"] = out
+        _BASE["run"], _BASE["proc"] = out, proc
     return _BASE["run"]
+
+
+def test_the_base_run_trains_the_seed_flags_under_zero3_with_checkpointing(tiny_model):
+    """The offline seed flags (+ FAST), 2 ZeRO-3 CPU processes, gradient checkpointing: trained, adapter saved."""
+    out = base_run(tiny_model)
+    assert f"saved: {out / 'adapter_model.safetensors'}" in _BASE["proc"].stdout
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def logged_steps(checkpoint: Path) -> list[int]:
@@ -154,35 +161,45 @@ def test_kill9_of_one_rank_during_a_save(tiny_model, tmp_path, rank, point):
 # ---- damaged files in the newest checkpoint -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["truncated adapter", "missing optimizer shard"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_model, tmp_path, damage):
+def test_damaged_newest_checkpoints_fall_back_to_the_last_whole_one(tiny_model, tmp_path):
+    """Both damages in one run: checkpoint-3 (a copy of checkpoint-2 saved as step 3) lacks an optimizer shard and
+    checkpoint-2's adapter is truncated; the run skips both, each named in one warning, and resumes checkpoint-1."""
     out = copy_base(tiny_model, tmp_path)
-    ckpt = out / "checkpoint-2"
-    if damage == "truncated adapter":
-        adapter = ckpt / "adapter_model.safetensors"
-        adapter.write_bytes(adapter.read_bytes()[:1000])
-        said = "adapter_model.safetensors is unreadable"
-        injected = "`checkpoint-2/adapter_model.safetensors` cut to 1000 bytes"
-    else:
-        shard = next(ckpt.glob("global_step2/zero_pp_rank_1_*_optim_states.pt"))
-        shard.unlink()
-        said = "global_step2/ lacks optim shard of rank 1"
-        injected = f"`checkpoint-2/global_step2/{shard.name}` deleted"
-    damaged = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    (out / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 3}))
+    shard = next((out / "checkpoint-3").glob("global_step2/zero_pp_rank_1_*_optim_states.pt"))
+    shard.unlink()
+    adapter = out / "checkpoint-2" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    cases = {  # checkpoint: (damage, what the warning says, how it was injected)
+        3: ("missing optimizer shard", "global_step2/ lacks optim shard of rank 1",
+            f"`checkpoint-3/global_step2/{shard.name}` deleted (checkpoint-3: checkpoint-2 saved as step 3)"),
+        2: ("truncated adapter", "adapter_model.safetensors is unreadable",
+            "`checkpoint-2/adapter_model.safetensors` cut to 1000 bytes"),
+    }
+    damaged = {step: sorted(p.relative_to(out / f"checkpoint-{step}") for p in (out / f"checkpoint-{step}").rglob("*"))
+               for step in cases}
 
     proc = launch(tiny_model, out, steps=3)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    warning = first_line(proc.stderr, "skipping a damaged checkpoint")
-    assert warning.startswith(f"skipping a damaged checkpoint: {ckpt}: ") and said in warning
+    warnings = [line.split(" grpo_vlm: ")[-1].strip() for line in proc.stderr.splitlines()
+                if "skipping a damaged checkpoint" in line]
+    assert len(warnings) == 2, warnings
+    for warning, (step, (_, said, _)) in zip(warnings, cases.items()):  # newest first
+        ckpt = out / f"checkpoint-{step}"
+        assert warning.startswith(f"skipping a damaged checkpoint: {ckpt}: ") and said in warning
     assert f"resuming from {out / 'checkpoint-1'} (step 1)" in proc.stderr
     assert logged_steps(out / "checkpoint-3") == [1, 2, 3]
-    assert checkpoint_problem(out / "checkpoint-2", 2, True) is None, "step 2 saved again, whole"
-    aside = list(out.glob(".checkpoint-2.replaced-*"))
-    assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*")) == damaged, \
-        "the damaged checkpoint is kept, moved aside"
-    record(f"{damage} in the newest checkpoint", injected, True, 1,
-           f"`skipping a damaged checkpoint: .../checkpoint-2: {said} ...`, then `resuming from .../checkpoint-1`",
-           resumed_from=1, final_steps=[1, 2, 3])
+    for step, (damage, said, injected) in cases.items():
+        assert checkpoint_problem(out / f"checkpoint-{step}", 2, True) is None, f"step {step} saved again, whole"
+        aside = list(out.glob(f".checkpoint-{step}.replaced-*"))
+        assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*")) == damaged[step], \
+            "the damaged checkpoint is kept, moved aside"
+        record(f"{damage} in the newest checkpoint", injected, True, 1,
+               f"`skipping a damaged checkpoint: .../checkpoint-{step}: {said} ...`, then `resuming from "
+               ".../checkpoint-1`",
+               resumed_from=1, final_steps=[1, 2, 3])
 
 
 # ---- SIGTERM mid-step ---------------------------------------------------------------------------------------------

@@ -76,10 +76,14 @@ def two_nodes(entry: list[str], logs: Path, env_extra: dict | None = None, timeo
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
+def train_entry(tmp_path_factory) -> list[str]:
+    return makefile_entry(tmp_path_factory.mktemp("make-train"), "flexai-train")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory, train_entry):
     require_vllm()
     tmp = tmp_path_factory.mktemp("multinode")
-    train_entry = makefile_entry(tmp / "make-train", "flexai-train")
     first = two_nodes(offline(train_entry, tiny_model, tmp / "run", 2), tmp / "logs-first")
     checkpoint = tmp / "run" / "checkpoint-2"
     # FlexAI mounts `--checkpoint <id>` at FLEXAI_INPUT_CHECKPOINT_DIR; the new job writes to a fresh output dir
@@ -90,8 +94,8 @@ def runs(tiny_model, tmp_path_factory):
             "checkpoint": checkpoint}
 
 
-def test_the_makefile_entry_is_the_bare_script_with_the_deepspeed_json(runs):
-    entry = runs["train_entry"]
+def test_the_makefile_entry_is_the_bare_script_with_the_deepspeed_json(train_entry):
+    entry = train_entry
     assert entry[:3] == ["code/vlm-grpo/grpo_vlm.py", "--deepspeed", "code/vlm-grpo/deepspeed_zero3.json"]
     assert "accelerate" not in entry and "--use_vllm" in entry and entry[entry.index("--vllm_mode") + 1] == "colocate"
 

@@ -108,3 +108,38 @@ def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
         worker = int(pid_file.read_text())
         assert psutil.pid_exists(worker), "control: the worker outlives a process-group kill"
         psutil.Process(worker).kill()
+
+
+# ---- the `make test` timing stays true --------------------------------------------------------------------------
+
+TIMING = REPO / "experiments" / "vlm-grpo" / "cpu-results" / "make-test.json"
+
+
+def selected_count(summary: str) -> int:
+    """Tests pytest selected, from `--collect-only -q`'s last line: `N tests collected` or `N/M tests collected (K
+    deselected)` (N is what runs)."""
+    import re
+
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", summary)
+    assert match, summary
+    return int(match.group(1))
+
+
+def test_the_count_parser_reads_both_forms():
+    assert selected_count("663/664 tests collected (1 deselected) in 21.07s") == 663
+    assert selected_count("12 tests collected in 0.50s") == 12
+
+
+def test_the_recorded_make_test_timing_is_of_this_suite():
+    """The README's `make test` time comes from make-test.json, measured at a commit with a test count. A test added
+    or removed since then makes this fail: re-measure (the file says how) rather than quote a stale time."""
+    import json
+
+    record = json.loads(TIMING.read_text())
+    proc = _proc.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    current = selected_count(proc.stdout.strip().splitlines()[-1])
+    assert record["tests"] == current, (
+        f"{TIMING.relative_to(REPO)} records {record['tests']} tests, the suite now has {current}: re-measure "
+        f"(`{record['command']}` in a fresh clone) and update it with the README's `make test` row")

@@ -132,20 +132,8 @@ def vllm_seed_args(model, out, steps: int) -> list[str]:
             "--max_completion_length", "64"]
 
 
-@pytest.mark.slow
-def test_seed_command_trains_through_vllm_colocate(tiny_model, tmp_path):
-    from safetensors import safe_open
-
-    out = tmp_path / "run"
-    proc = run(launch_cmd("code/vlm-grpo/grpo_vlm.py", vllm_seed_args(tiny_model, out, 2)))
-    assert '"generation": "vLLM colocate"' in proc.stdout + proc.stderr
-    adapter = out / "adapter_model.safetensors"
-    assert f"saved: {adapter}" in proc.stdout
-    with safe_open(str(adapter), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    # q_proj and v_proj of both tiny language-model layers, A and B each: nothing empty (trl#4416)
-    assert len(shapes) == 8 and all(s and 0 not in s for s in shapes.values()), shapes
-    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+# The seed command itself through vLLM colocate runs in tests/test_graceful_stop.py (stopped twice, then finished:
+# the adapter's 8 LoRA tensors non-empty, trl#4416) and in tests/test_walkthrough.py (`make smoke`).
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +150,8 @@ def vllm_weight_report(tiny_model, tmp_path_factory):
 def test_vllm_path_updates_every_lora_weight_and_no_base_weight(vllm_weight_report):
     report = vllm_weight_report
     assert report["world_size"] == 2 and report["checkpointing_kwargs_at_end"]["use_reentrant"] is False
-    assert report["lora_changed"] and all(report["lora_changed"].values()), report["lora_changed"]
+    assert len(report["lora_changed"]) == 8 and all(report["lora_changed"].values()), report["lora_changed"]
+    assert report["base_changed"], "the recorder compared no base weight: the check below would pass empty"
     assert not [n for n, c in report["base_changed"].items() if c]
 
 
