@@ -31,6 +31,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    """SIGTERM to pytest (a CI runner's time limit, `kill`) unwinds like Ctrl-C instead of ending the interpreter on the
+    spot: tests/_proc.py then kills the process trees the running test started (torch elastic's workers sit in
+    sessions of their own and would outlive pytest)."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Each test leaves os.environ as it found it. Parsing arguments in-process writes into it (transformers'
