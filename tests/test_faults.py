@@ -132,30 +132,36 @@ def finish_from(tiny_model, out: Path, resumed: int, steps: int = 3) -> subproce
 # ---- kill -9 of one rank during a save --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "rank, point",
-    [
-        (1, "before_optimizer"),  # rank 1 dies after the adapter is written, before its optimizer shard
-        (0, "after_files"),  # rank 0 has written everything, rank 1 waits at the barrier
-        (0, "before_rename"),  # every file of every rank is written, the rename has not happened
-    ],
-)
-def test_kill9_of_one_rank_during_a_save(tiny_model, tmp_path, rank, point):
+KILL_POINTS = [
+    (1, "before_optimizer"),  # rank 1 dies after the adapter is written, before its optimizer shard
+    (0, "after_files"),  # rank 0 has written everything, rank 1 waits at the barrier
+    (0, "before_rename"),  # every file of every rank is written, the rename has not happened
+]
+
+
+def test_kill9_of_one_rank_at_each_point_of_a_save(tiny_model, tmp_path):
+    """The three points in a row on one copy of the base run: each killed run first resumes checkpoint-2 (what the
+    kill before it left is not taken for a checkpoint), trains step 3 and dies in its save; then the same command
+    finishes. Four launches prove what six did when each point had a run and a finish of its own."""
     out = copy_base(tiny_model, tmp_path)
-    killed = launch(tiny_model, out, steps=3, extra_env={"VLM_GRPO_FAULT": f"{rank}:{point}"})
-    assert killed.returncode != 0
-    assert f"rank {rank} SIGKILLs itself at {point}" in killed.stdout
-    assert "exitcode  : -9" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr  # the launcher's report
-    assert not (out / "checkpoint-3").exists(), "a partial save never carries a checkpoint's name"
-    assert (out / ".partial-checkpoint-3").is_dir()
+    for earlier, (rank, point) in enumerate(KILL_POINTS):
+        killed = launch(tiny_model, out, steps=3, extra_env={"VLM_GRPO_FAULT": f"{rank}:{point}"})
+        assert killed.returncode != 0
+        assert f"resuming from {out / 'checkpoint-2'} (step 2)" in killed.stderr
+        assert f"rank {rank} SIGKILLs itself at {point}" in killed.stdout
+        assert "exitcode  : -9" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr  # the launcher's report
+        assert not (out / "checkpoint-3").exists(), "a partial save never carries a checkpoint's name"
+        assert (out / ".partial-checkpoint-3").is_dir()
+        assert len(list(out.glob(".partial-checkpoint-3.crashed-*"))) == earlier, "each earlier one moved aside"
 
     finish_from(tiny_model, out, resumed=2)
     stale = list(out.glob(".partial-checkpoint-3.crashed-*"))
-    assert len(stale) == 1 and any(stale[0].rglob("*")), "the crashed save is moved aside, not deleted"
-    record(f"kill -9 of rank {rank} during a save ({point})", f"`VLM_GRPO_FAULT={rank}:{point}`", True, 1,
-           "the launcher's `ChildFailedError` with `exitcode : -9` (`Signal 9 (SIGKILL)`); the next run logs "
-           "`resuming from .../checkpoint-2 (step 2)`",
-           resumed_from=2, final_steps=[1, 2, 3])
+    assert len(stale) == 3 and all(any(s.rglob("*")) for s in stale), "the crashed saves are moved aside, not deleted"
+    for rank, point in KILL_POINTS:
+        record(f"kill -9 of rank {rank} during a save ({point})", f"`VLM_GRPO_FAULT={rank}:{point}`", True, 1,
+               "the launcher's `ChildFailedError` with `exitcode : -9` (`Signal 9 (SIGKILL)`); the next run logs "
+               "`resuming from .../checkpoint-2 (step 2)`",
+               resumed_from=2, final_steps=[1, 2, 3])
 
 
 # ---- damaged files in the newest checkpoint -----------------------------------------------------------------------
