@@ -24,6 +24,7 @@ runs this script and asserts the margins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -67,7 +68,27 @@ VLLM_LAUNCH = ["-m", "accelerate.commands.launch", f"--config_file={REPO / 'code
 VLLM_FLAGS = ["--use_vllm", "--vllm_mode", "colocate", "--gradient_checkpointing"]
 
 
-def run(out_dir: Path, figure: Path | None, vllm: bool = False) -> dict:
+def train_bounded(cmd: list[str], env: dict, log: Path, timeout_s: float) -> None:
+    """Run the training command with a time bound; past it, kill the launcher and every worker (accelerate's workers
+    run in sessions of their own, so killing the launcher alone would leave them on the cores) and fail."""
+    import psutil
+
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except BaseException:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(tree, timeout=30)
+            raise
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
+def run(out_dir: Path, figure: Path | None, vllm: bool = False, timeout_s: float = 3600) -> dict:
     import evaluate
     import make_tiny_model
     import plot_training
@@ -85,11 +106,9 @@ def run(out_dir: Path, figure: Path | None, vllm: bool = False) -> dict:
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     launch = VLLM_LAUNCH if vllm else []
     t0 = time.time()
-    subprocess.run(
-        [sys.executable, *launch, str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), "--model_name_or_path", str(model),
-         "--output_dir", str(run_dir), *TRAIN_FLAGS, *(VLLM_FLAGS if vllm else [])],
-        check=True, env=env, stdout=open(out_dir / "train.log", "w"), stderr=subprocess.STDOUT,
-    )
+    train_bounded([sys.executable, *launch, str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), "--model_name_or_path",
+                   str(model), "--output_dir", str(run_dir), *TRAIN_FLAGS, *(VLLM_FLAGS if vllm else [])],
+                  env, out_dir / "train.log", timeout_s)
     train_s = time.time() - t0
     state_file = plot_training.find_trainer_state(run_dir)
     rewards = [e["reward"] for e in plot_training.load_history(state_file)]
@@ -123,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out_dir", default="outputs/learning-demo", help="tiny model, run, evaluation")
     parser.add_argument("--figure", help="also write the training curves PNG here")
     parser.add_argument("--vllm", action="store_true", help="2-process ZeRO-3, vLLM colocate rollouts and evaluation")
+    parser.add_argument("--train_timeout_s", type=float, default=3600,
+                        help="stop the training run (launcher and workers) after this many seconds and fail")
     args = parser.parse_args(argv)
-    result = run(Path(args.out_dir), Path(args.figure) if args.figure else None, vllm=args.vllm)
+    result = run(Path(args.out_dir), Path(args.figure) if args.figure else None, vllm=args.vllm,
+                 timeout_s=args.train_timeout_s)
     print(json.dumps(result, indent=2))
     if result["figure"]:
         print(f"figure: {result['figure']}")  # last line: where the PNG went (the committed one changes only on request)

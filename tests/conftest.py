@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "code" / "vlm-grpo"
 SCRIPT = RECIPE_DIR / "grpo_vlm.py"
@@ -27,6 +29,18 @@ for _path in (RECIPE_DIR, REPO_ROOT / "scripts"):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    """SIGTERM to pytest (a CI runner's time limit, `kill`) unwinds like Ctrl-C instead of ending the interpreter on the
+    spot: tests/_proc.py then kills the process trees the running test started (torch elastic's workers sit in
+    sessions of their own and would outlive pytest)."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +97,7 @@ def run_script():
                 full_env.pop(key, None)
             else:
                 full_env[key] = str(value)
-        return subprocess.run(
+        return _proc.run(
             [_python(), str(SCRIPT), *map(str, args)],
             cwd=REPO_ROOT,
             env=full_env,
@@ -93,3 +107,16 @@ def run_script():
         )
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tiny_model, tmp_path_factory):
+    """(output dir, CompletedProcess) of one process training 2 steps of the offline seed flags + test_train_cpu.FAST
+    on 64 synthetic rows with a quarter held out; shared by test_train_cpu.py and test_split_record.py (which copies
+    it before changing anything)."""
+    from test_train_cpu import FAST, PYTHON, run, seed_script_args
+
+    out = tmp_path_factory.mktemp("single-process") / "run"
+    proc = run([PYTHON, str(SCRIPT), *seed_script_args(tiny_model, out, 2), *FAST, "--synthetic_rows", "64",
+                "--eval_fraction", "0.25"])
+    return out, proc

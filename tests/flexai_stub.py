@@ -11,10 +11,11 @@ import os
 import re
 import shlex
 import stat
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import _proc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def run_make(
     calls_dir = tmp / "calls"
     path = f"{bin_dir}:{path_tail}" if bin_dir else path_tail
     env = clean_env(path, STUB_CALLS=str(calls_dir), **(env_extra or {}))
-    proc = subprocess.run(
+    proc = _proc.run(
         ["make", "--no-print-directory", *args],
         cwd=REPO,
         env=env,

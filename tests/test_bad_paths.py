@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO, make_adapter
 
 from path_checks import PathError, check_model_path, check_output_dir, looks_like_local_path
@@ -39,7 +41,7 @@ needs_unwritable = pytest.mark.skipif(UNWRITABLE is None, reason="no folder here
 
 
 def run(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, script, *map(str, args)], cwd=REPO, env=OFFLINE, capture_output=True, text=True,
+    return _proc.run([PYTHON, script, *map(str, args)], cwd=REPO, env=OFFLINE, capture_output=True, text=True,
                           timeout=300)
 
 

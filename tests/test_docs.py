@@ -21,9 +21,10 @@ import math
 import pathlib
 import re
 import shlex
-import subprocess
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from flexai_stub import (
     DEFAULT_SECRET,
     REPO,
@@ -166,7 +167,7 @@ def test_dry_run_targets_resolve(tmp_path):
     for argv in make_commands():
         targets, _ = split_make(argv)
         if targets[0] in DRY_RUN:
-            proc = subprocess.run(
+            proc = _proc.run(
                 ["make", "--no-print-directory", "-n", *argv[1:]], cwd=REPO, capture_output=True, text=True,
                 env=clean_env("/usr/local/bin:/usr/bin:/bin"), timeout=60,
             )
@@ -353,7 +354,7 @@ def test_anchors_resolve(doc):
 
 
 def tracked_text_files() -> list[pathlib.Path]:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split()
+    files = _proc.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split()
     raw = re.compile(r"-results/|\.(png|jpg|json|log|txt)$")  # raw results are records, quoted as they were made
     return [REPO / f for f in files if not raw.search(f) or f.endswith("requirements.txt") or
             re.search(r"requirements-[a-z-]+\.txt$", f)]

@@ -4,10 +4,11 @@ held-out split, adapter and merged model agree, bad inputs fail with a clear mes
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO, make_adapter
 
 import evaluate
@@ -130,7 +131,7 @@ def test_bad_arguments_are_refused(tmp_path, flags, message):
 
 
 def test_cli_error_is_one_line(tmp_path, tiny_model):
-    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--model_name_or_path", str(tiny_model),
+    proc = _proc.run([sys.executable, "scripts/evaluate.py", "--model_name_or_path", str(tiny_model),
                            "--dataset_name", "no-such-dataset", "--output_dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 from checkpoints import checkpoint_problem
 from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, PYTHON, REPO, env, kill_tree, launch_cmd
+from test_train_cpu import FAST, PYTHON, REPO, env, launch_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +53,7 @@ def launch(model, out: Path, steps: int, processes: int = 2, extra=(), extra_env
            timeout: int = 420) -> subprocess.CompletedProcess:
     """The offline seed command under `accelerate launch`, its output captured (run() drains the pipes)."""
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(model, out, steps, extra), num_processes=processes)
-    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+    return _proc.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn)
 
 
@@ -65,8 +67,15 @@ def base_run(model) -> Path:
         proc = launch(model, out, steps=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert all(checkpoint_problem(out / f"checkpoint-{s}", 2, True) is None for s in (1, 2))
-        _BASE["run"] = out
+        _BASE["run"], _BASE["proc"] = out, proc
     return _BASE["run"]
+
+
+def test_the_base_run_trains_the_seed_flags_under_zero3_with_checkpointing(tiny_model):
+    """The offline seed flags (+ FAST), 2 ZeRO-3 CPU processes, gradient checkpointing: trained, adapter saved."""
+    out = base_run(tiny_model)
+    assert f"saved: {out / 'adapter_model.safetensors'}" in _BASE["proc"].stdout
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def logged_steps(checkpoint: Path) -> list[int]:
@@ -123,64 +132,80 @@ def finish_from(tiny_model, out: Path, resumed: int, steps: int = 3) -> subproce
 # ---- kill -9 of one rank during a save --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "rank, point",
-    [
-        (1, "before_optimizer"),  # rank 1 dies after the adapter is written, before its optimizer shard
-        (0, "after_files"),  # rank 0 has written everything, rank 1 waits at the barrier
-        (0, "before_rename"),  # every file of every rank is written, the rename has not happened
-    ],
-)
-def test_kill9_of_one_rank_during_a_save(tiny_model, tmp_path, rank, point):
+KILL_POINTS = [
+    (1, "before_optimizer"),  # rank 1 dies after the adapter is written, before its optimizer shard
+    (0, "after_files"),  # rank 0 has written everything, rank 1 waits at the barrier
+    (0, "before_rename"),  # every file of every rank is written, the rename has not happened
+]
+
+
+def test_kill9_of_one_rank_at_each_point_of_a_save(tiny_model, tmp_path):
+    """The three points in a row on one copy of the base run: each killed run first resumes checkpoint-2 (what the
+    kill before it left is not taken for a checkpoint), trains step 3 and dies in its save; then the same command
+    finishes. Four launches prove what six did when each point had a run and a finish of its own."""
     out = copy_base(tiny_model, tmp_path)
-    killed = launch(tiny_model, out, steps=3, extra_env={"VLM_GRPO_FAULT": f"{rank}:{point}"})
-    assert killed.returncode != 0
-    assert f"rank {rank} SIGKILLs itself at {point}" in killed.stdout
-    assert "exitcode  : -9" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr  # the launcher's report
-    assert not (out / "checkpoint-3").exists(), "a partial save never carries a checkpoint's name"
-    assert (out / ".partial-checkpoint-3").is_dir()
+    for earlier, (rank, point) in enumerate(KILL_POINTS):
+        killed = launch(tiny_model, out, steps=3, extra_env={"VLM_GRPO_FAULT": f"{rank}:{point}"})
+        assert killed.returncode != 0
+        assert f"resuming from {out / 'checkpoint-2'} (step 2)" in killed.stderr
+        assert f"rank {rank} SIGKILLs itself at {point}" in killed.stdout
+        assert "exitcode  : -9" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr  # the launcher's report
+        assert not (out / "checkpoint-3").exists(), "a partial save never carries a checkpoint's name"
+        assert (out / ".partial-checkpoint-3").is_dir()
+        assert len(list(out.glob(".partial-checkpoint-3.crashed-*"))) == earlier, "each earlier one moved aside"
 
     finish_from(tiny_model, out, resumed=2)
     stale = list(out.glob(".partial-checkpoint-3.crashed-*"))
-    assert len(stale) == 1 and any(stale[0].rglob("*")), "the crashed save is moved aside, not deleted"
-    record(f"kill -9 of rank {rank} during a save ({point})", f"`VLM_GRPO_FAULT={rank}:{point}`", True, 1,
-           "the launcher's `ChildFailedError` with `exitcode : -9` (`Signal 9 (SIGKILL)`); the next run logs "
-           "`resuming from .../checkpoint-2 (step 2)`",
-           resumed_from=2, final_steps=[1, 2, 3])
+    assert len(stale) == 3 and all(any(s.rglob("*")) for s in stale), "the crashed saves are moved aside, not deleted"
+    for rank, point in KILL_POINTS:
+        record(f"kill -9 of rank {rank} during a save ({point})", f"`VLM_GRPO_FAULT={rank}:{point}`", True, 1,
+               "the launcher's `ChildFailedError` with `exitcode : -9` (`Signal 9 (SIGKILL)`); the next run logs "
+               "`resuming from .../checkpoint-2 (step 2)`",
+               resumed_from=2, final_steps=[1, 2, 3])
 
 
 # ---- damaged files in the newest checkpoint -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["truncated adapter", "missing optimizer shard"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_model, tmp_path, damage):
+def test_damaged_newest_checkpoints_fall_back_to_the_last_whole_one(tiny_model, tmp_path):
+    """Both damages in one run: checkpoint-3 (a copy of checkpoint-2 saved as step 3) lacks an optimizer shard and
+    checkpoint-2's adapter is truncated; the run skips both, each named in one warning, and resumes checkpoint-1."""
     out = copy_base(tiny_model, tmp_path)
-    ckpt = out / "checkpoint-2"
-    if damage == "truncated adapter":
-        adapter = ckpt / "adapter_model.safetensors"
-        adapter.write_bytes(adapter.read_bytes()[:1000])
-        said = "adapter_model.safetensors is unreadable"
-        injected = "`checkpoint-2/adapter_model.safetensors` cut to 1000 bytes"
-    else:
-        shard = next(ckpt.glob("global_step2/zero_pp_rank_1_*_optim_states.pt"))
-        shard.unlink()
-        said = "global_step2/ lacks optim shard of rank 1"
-        injected = f"`checkpoint-2/global_step2/{shard.name}` deleted"
-    damaged = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    (out / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 3}))
+    shard = next((out / "checkpoint-3").glob("global_step2/zero_pp_rank_1_*_optim_states.pt"))
+    shard.unlink()
+    adapter = out / "checkpoint-2" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    cases = {  # checkpoint: (damage, what the warning says, how it was injected)
+        3: ("missing optimizer shard", "global_step2/ lacks optim shard of rank 1",
+            f"`checkpoint-3/global_step2/{shard.name}` deleted (checkpoint-3: checkpoint-2 saved as step 3)"),
+        2: ("truncated adapter", "adapter_model.safetensors is unreadable",
+            "`checkpoint-2/adapter_model.safetensors` cut to 1000 bytes"),
+    }
+    damaged = {step: sorted(p.relative_to(out / f"checkpoint-{step}") for p in (out / f"checkpoint-{step}").rglob("*"))
+               for step in cases}
 
     proc = launch(tiny_model, out, steps=3)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    warning = first_line(proc.stderr, "skipping a damaged checkpoint")
-    assert warning.startswith(f"skipping a damaged checkpoint: {ckpt}: ") and said in warning
+    warnings = [line.split(" grpo_vlm: ")[-1].strip() for line in proc.stderr.splitlines()
+                if "skipping a damaged checkpoint" in line]
+    assert len(warnings) == 2, warnings
+    for warning, (step, (_, said, _)) in zip(warnings, cases.items()):  # newest first
+        ckpt = out / f"checkpoint-{step}"
+        assert warning.startswith(f"skipping a damaged checkpoint: {ckpt}: ") and said in warning
     assert f"resuming from {out / 'checkpoint-1'} (step 1)" in proc.stderr
     assert logged_steps(out / "checkpoint-3") == [1, 2, 3]
-    assert checkpoint_problem(out / "checkpoint-2", 2, True) is None, "step 2 saved again, whole"
-    aside = list(out.glob(".checkpoint-2.replaced-*"))
-    assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*")) == damaged, \
-        "the damaged checkpoint is kept, moved aside"
-    record(f"{damage} in the newest checkpoint", injected, True, 1,
-           f"`skipping a damaged checkpoint: .../checkpoint-2: {said} ...`, then `resuming from .../checkpoint-1`",
-           resumed_from=1, final_steps=[1, 2, 3])
+    for step, (damage, said, injected) in cases.items():
+        assert checkpoint_problem(out / f"checkpoint-{step}", 2, True) is None, f"step {step} saved again, whole"
+        aside = list(out.glob(f".checkpoint-{step}.replaced-*"))
+        assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*")) == damaged[step], \
+            "the damaged checkpoint is kept, moved aside"
+        record(f"{damage} in the newest checkpoint", injected, True, 1,
+               f"`skipping a damaged checkpoint: .../checkpoint-{step}: {said} ...`, then `resuming from "
+               ".../checkpoint-1`",
+               resumed_from=1, final_steps=[1, 2, 3])
 
 
 # ---- SIGTERM mid-step ---------------------------------------------------------------------------------------------
@@ -190,10 +215,8 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_resumes(tiny_model, tmp_path
     out = copy_base(tiny_model, tmp_path)
     log = tmp_path / "stopped.log"
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(tiny_model, out, 8, ["--save_steps", "100"]))
-    with log.open("w") as sink:  # a file, not a pipe nobody drains while the test polls
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    try:
+    # the log is a file, not a pipe nobody drains while the test polls
+    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
         deadline = time.time() + 300
         while log.read_text().count("'loss'") < 1:  # step 3 is done: training is under way
             assert proc.poll() is None, log.read_text()[-4000:]
@@ -201,9 +224,6 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_resumes(tiny_model, tmp_path
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job's main process gets it
         status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
     text = log.read_text()
     line = first_line(text, "stopped by SIGTERM")
     assert line, text[-4000:]
@@ -241,6 +261,11 @@ def test_full_disk_during_a_save(tiny_model, tmp_path):
     seen = first_line(full.stderr, "unexpected pos", "File too large")
     assert seen, full.stderr[-3000:]
     assert not (out / "checkpoint-3").exists()
+    # where it failed: step 3 trained (logged), then its save began in the staging folder and stopped there
+    assert (full.stdout + full.stderr).count("'loss'") == 1, "step 3 was trained and logged before the save"
+    staged = out / ".partial-checkpoint-3" / "checkpoint-3"
+    assert (staged / "adapter_model.safetensors").stat().st_size == adapter, "the adapter (under the limit) was saved"
+    assert "optimizer" in (checkpoint_problem(staged, 2, True) or ""), "the save stopped at the optimizer shards"
 
     finish_from(tiny_model, out, resumed=2)
     record("full disk during a save", f"`RLIMIT_FSIZE` of {limit} bytes on the launched processes (the adapter "
@@ -257,12 +282,12 @@ def read_only_dir(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: a read-only mount is what refuses it
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                                 capture_output=True, text=True)
+        mounted = _proc.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                            capture_output=True, text=True, timeout=60)
         if mounted.returncode != 0:
             pytest.skip(f"root without a read-only mount: {mounted.stderr.strip()}")
         yield folder
-        subprocess.run(["umount", str(folder)], check=False)
+        _proc.run(["umount", str(folder)], check=False, timeout=60)
     else:
         folder.chmod(0o555)
         yield folder
@@ -272,7 +297,7 @@ def read_only_dir(tmp_path):
 def test_unwritable_output_dir_fails_before_training(tiny_model, read_only_dir):
     out = read_only_dir / "run"
     start = time.time()
-    proc = subprocess.run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *script_args(tiny_model, out, 2)],
+    proc = _proc.run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *script_args(tiny_model, out, 2)],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     took = time.time() - start
     assert proc.returncode != 0

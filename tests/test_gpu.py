@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "code" / "vlm-grpo" / "deepspeed_zero3.yaml"
 SCRIPT = REPO / "code" / "vlm-grpo" / "grpo_vlm.py"
@@ -81,7 +83,7 @@ def launch(args: list[str], log: Path) -> str:
         env.setdefault(key, "0" if key == "NCCL_NVLS_ENABLE" else "1")
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={CONFIG}", str(SCRIPT), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    proc = _proc.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     log.write_text(proc.stdout)
     assert proc.returncode == 0, f"exit {proc.returncode}; last lines:\n{proc.stdout[-6000:]}"
     return proc.stdout

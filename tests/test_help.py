@@ -3,10 +3,11 @@ with %, so an unescaped percent sign in a help string crashes it)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from _tiny import REPO
 
@@ -15,12 +16,12 @@ SCRIPTS = ["code/vlm-grpo/grpo_vlm.py", *sorted(f"scripts/{p.name}" for p in (RE
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_prints_usage(script):
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _proc.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
 
 
 def test_training_help_shows_percent_signs():
-    proc = subprocess.run([sys.executable, "code/vlm-grpo/grpo_vlm.py", "--help"], cwd=REPO, capture_output=True,
+    proc = _proc.run([sys.executable, "code/vlm-grpo/grpo_vlm.py", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert "+2 % training throughput" in " ".join(proc.stdout.split())

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO, make_adapter
 
 import infer
@@ -47,7 +48,7 @@ def test_docs_command_answers(merged_and_image):
     assert args[:2] == ["--endpoint", "$ENDPOINT_URL"] and "--question" in args
     args[:2] = ["--model", str(merged)]
     args[args.index("--image") + 1] = str(image)
-    proc = subprocess.run([sys.executable, "scripts/infer.py", *args, "--max_new_tokens", "16"],
+    proc = _proc.run([sys.executable, "scripts/infer.py", *args, "--max_new_tokens", "16"],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("answer: ")
@@ -103,7 +104,7 @@ def test_endpoint_prompt_is_the_training_prompt_with_the_image_first(tmp_path):
     (["--endpoint", "http://e", "--adapter", "a", "--image", "x.png", "--question", "q"], "--adapter needs --model"),
 ])
 def test_endpoint_bad_inputs_are_one_line(args, message):
-    proc = subprocess.run([sys.executable, "scripts/infer.py", *args], cwd=REPO, capture_output=True, text=True,
+    proc = _proc.run([sys.executable, "scripts/infer.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1]

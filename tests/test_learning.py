@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    return out, learning_demo.run(out, figure=out / "curves.png")
+    return out, learning_demo.run(out, figure=out / "curves.png", timeout_s=900)
 
 
 def test_training_raises_the_reward(demo):
@@ -64,7 +64,7 @@ def vllm_demo(tmp_path_factory):
 
     require_vllm()
     out = tmp_path_factory.mktemp("learning-vllm")
-    return out, learning_demo.run(out, figure=None, vllm=True)
+    return out, learning_demo.run(out, figure=None, vllm=True, timeout_s=900)
 
 
 def test_training_through_vllm_raises_the_reward(vllm_demo):

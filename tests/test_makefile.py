@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from flexai_stub import (
     DEFAULT_SECRET,
     REPO,
@@ -250,7 +251,7 @@ def test_flexai_bench_runs_the_benchmark_on_the_runtime(tmp_path):
     assert job[:4] == ["python3", "scripts/bench.py", "--out", "/tmp/bench"]
     assert "--configs" in job and "--steps" in job
     # the job's arguments are ones bench.py accepts (its own parser, not a copy of it)
-    check = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--help"], capture_output=True,
+    check = _proc.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--help"], capture_output=True,
                            text=True, timeout=60)
     for flag in (a for a in job[2:] if a.startswith("--")):
         assert flag in check.stdout, f"bench.py has no {flag}"
@@ -707,7 +708,7 @@ def test_docker_without_a_daemon_is_one_line(tmp_path):
 
 def dry_make(*args: str) -> str:
     """What make would run (`make -n`), for a venv that does not exist yet: the whole set-up chain shows."""
-    proc = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = _proc.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 import torch
 from _tiny import REPO, make_adapter, wide_model_dir
 
@@ -133,7 +134,7 @@ def test_same_name_elsewhere_is_accepted(tmp_path, tiny_model, tiny_adapter):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/merge_lora.py", "--adapter", str(tmp_path / "nope"),
+    proc = _proc.run([sys.executable, "scripts/merge_lora.py", "--adapter", str(tmp_path / "nope"),
                            "--output_dir", str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: adapter path")
@@ -159,11 +160,11 @@ def test_merged_folder_is_inference_ready(merged):
 def test_check_inference_ready_names_what_is_missing_in_one_line(merged, tmp_path, breakage, fragment):
     broken = shutil.copytree(merged[0], tmp_path / "broken")
     breakage(broken)
-    proc = subprocess.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(broken)],
+    proc = _proc.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(broken)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert len(proc.stdout.splitlines()) == 1 and fragment in proc.stdout
-    ready = subprocess.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(merged[0])],
+    ready = _proc.run([sys.executable, "scripts/merge_lora.py", "--check_inference_ready", str(merged[0])],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ready.stdout == ""
 

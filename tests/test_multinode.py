@@ -9,15 +9,17 @@ step 4 instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from flexai_stub import REPO, run_make
 
 from _vllm import require_vllm
@@ -59,31 +61,29 @@ def two_nodes(entry: list[str], logs: Path, env_extra: dict | None = None, timeo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
     logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    try:
+    with contextlib.ExitStack() as stack:  # on any exit: both agents and their workers killed (tests/_proc.py)
+        procs = []
         for rank in (0, 1):
             cmd = [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), *entry]
-            log = open(logs / f"node{rank}.log", "w")
-            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True), log))
-        codes = [proc.wait(timeout=timeout) for proc, _ in procs]
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
+            log = stack.enter_context(open(logs / f"node{rank}.log", "w"))
+            procs.append(stack.enter_context(_proc.started(cmd, cwd=REPO, env=env, stdout=log,
+                                                           stderr=subprocess.STDOUT)))
+        codes = [proc.wait(timeout=timeout) for proc in procs]
     texts = [(logs / f"node{rank}.log").read_text(errors="replace") for rank in (0, 1)]
     assert codes == [0, 0], f"exit codes {codes}\n--- node 0\n{texts[0][-4000:]}\n--- node 1\n{texts[1][-4000:]}"
     return texts
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
+def train_entry(tmp_path_factory) -> list[str]:
+    return makefile_entry(tmp_path_factory.mktemp("make-train"), "flexai-train")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory, train_entry):
     require_vllm()
     tmp = tmp_path_factory.mktemp("multinode")
-    train_entry = makefile_entry(tmp / "make-train", "flexai-train")
     first = two_nodes(offline(train_entry, tiny_model, tmp / "run", 2), tmp / "logs-first")
     checkpoint = tmp / "run" / "checkpoint-2"
     # FlexAI mounts `--checkpoint <id>` at FLEXAI_INPUT_CHECKPOINT_DIR; the new job writes to a fresh output dir
@@ -94,8 +94,8 @@ def runs(tiny_model, tmp_path_factory):
             "checkpoint": checkpoint}
 
 
-def test_the_makefile_entry_is_the_bare_script_with_the_deepspeed_json(runs):
-    entry = runs["train_entry"]
+def test_the_makefile_entry_is_the_bare_script_with_the_deepspeed_json(train_entry):
+    entry = train_entry
     assert entry[:3] == ["code/vlm-grpo/grpo_vlm.py", "--deepspeed", "code/vlm-grpo/deepspeed_zero3.json"]
     assert "accelerate" not in entry and "--use_vllm" in entry and entry[entry.index("--vllm_mode") + 1] == "colocate"
 

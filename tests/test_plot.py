@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO
 from PIL import Image
 
@@ -133,7 +134,7 @@ def test_bad_inputs(tmp_path, setup, message):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/plot_training.py", str(tmp_path)], cwd=REPO,
+    proc = _proc.run([sys.executable, "scripts/plot_training.py", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("error: no trainer_state.json")
 
@@ -141,7 +142,7 @@ def test_cli_error_is_one_line(tmp_path):
 def test_a_run_that_logged_nothing_says_how_to_get_curves(tmp_path):
     # `make smoke`: the seed's --logging_steps 200, 4 steps, so its checkpoint's log_history is empty
     write_state(tmp_path / "run" / "checkpoint-4", steps=[], logging_steps=200)
-    proc = subprocess.run([sys.executable, "scripts/plot_training.py", str(tmp_path / "run")], cwd=REPO,
+    proc = _proc.run([sys.executable, "scripts/plot_training.py", str(tmp_path / "run")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
@@ -151,7 +152,7 @@ def test_a_run_that_logged_nothing_says_how_to_get_curves(tmp_path):
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys, where nobody may create folders")
 def test_an_unwritable_output_is_one_line(tmp_path):
     write_state(tmp_path / "run" / "checkpoint-30")
-    proc = subprocess.run([sys.executable, "scripts/plot_training.py", str(tmp_path / "run"),
+    proc = _proc.run([sys.executable, "scripts/plot_training.py", str(tmp_path / "run"),
                            "--output", "/sys/vlm-grpo-plot/curves.png"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

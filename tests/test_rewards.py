@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from _tiny import REPO
 
@@ -249,7 +250,7 @@ scores = rewards.accuracy_reward(
     [gold(answer), gold("3")], log_metric=lambda *m: metrics.append(m))
 print(json.dumps({{"scores": scores, "timeouts": rewards.ACCURACY_EVENTS["timeout"], "metrics": metrics}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = _proc.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["scores"] == [0.0, 1.0]

@@ -7,7 +7,6 @@ time and stopped by the test, whatever happens."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 import urllib.request
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO, make_adapter
 from flexai_stub import run_make
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 START_TIMEOUT = 300  # seconds for the server to answer /health (about 40 s on the 2-core CI machine)
+API_KEY = "test-endpoint-key-7f3a"  # `vllm serve --api-key`: /v1 requests need it, sent by the client as a Bearer token
 
 
 def free_port() -> int:
@@ -50,14 +52,12 @@ def server(merged, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged), "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "2048"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
+    with open(log_path, "w") as log, _proc.started(
+        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged), "--host", "127.0.0.1",
+         "--port", str(port), "--max-model-len", "2048", "--api-key", API_KEY],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    ) as proc:  # the server and its engine process are killed when the module's tests are done
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
@@ -70,10 +70,6 @@ def server(merged, tmp_path_factory):
                     pytest.fail(f"no /health after {START_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(2)
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
 
 
 def test_the_merged_folder_is_what_checkpoint_push_accepts(merged, tmp_path):
@@ -100,9 +96,10 @@ def processor_prompt_tokens(merged, image, question: str) -> int:
     return len(ids["input_ids"][0])
 
 
-def test_the_endpoint_answers_about_each_image_through_the_users_client(server, merged, tmp_path):
+def test_the_endpoint_answers_about_each_image_through_the_users_client(server, merged, tmp_path, monkeypatch):
     from PIL import Image
 
+    monkeypatch.setenv("FLEXAI_API_KEY", API_KEY)  # the server refuses /v1 requests without it (next tests)
     question = "How many shapes are in the image?"
     for size in ((56, 56), (224, 140)):
         path = tmp_path / f"{size[0]}x{size[1]}.png"
@@ -119,20 +116,37 @@ def test_the_guides_test_call_prints_the_completion_and_the_graded_answer(server
 
     # the guide's `make infer INFER_ARGS=...` of the serving step, ENDPOINT_URL being the server's
     args = [server if a == "$ENDPOINT_URL" else a for a in docs_infer_args()]
-    proc = subprocess.run(
+    proc = _proc.run(
         [PYTHON, "scripts/infer.py", *args, "--max_new_tokens", "8"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": "key-never-printed"},
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": API_KEY},
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("answer: ")
-    assert "key-never-printed" not in proc.stdout + proc.stderr
+    assert API_KEY not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("key", [None, "not-the-key"])
+def test_without_the_right_key_the_client_fails_in_one_line_naming_the_variable(server, key):
+    """The server was started with --api-key: the test above passed because the client sent the key."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FLEXAI_API_KEY", "OPENAI_API_KEY")}
+    if key:
+        env["FLEXAI_API_KEY"] = key
+    proc = _proc.run(
+        [PYTHON, "scripts/infer.py", "--endpoint", server, "--image", "experiments/vlm-grpo/samples/number.png",
+         "--question", "What number is written in the image?", "--max_new_tokens", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"{server}/v1/models answered HTTP 401 (set FLEXAI_API_KEY or OPENAI_API_KEY)" in proc.stderr
+    assert (key or API_KEY) not in proc.stdout + proc.stderr
 
 
 def test_a_wrong_model_name_is_one_line(server, tmp_path):
-    proc = subprocess.run(
+    proc = _proc.run(
         [PYTHON, "scripts/infer.py", "--endpoint", server, "--served_model", "no-such-model", "--image",
          "experiments/vlm-grpo/samples/number.png", "--question", "What number?"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "FLEXAI_API_KEY": API_KEY},
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

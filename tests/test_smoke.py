@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from _tiny import REPO
 
@@ -23,7 +24,7 @@ def test_failed_smoke_exits_with_the_runs_status_and_keeps_the_previous_result(t
     previous.write_bytes(b"the previous run's adapter")
     env = {**os.environ, "VPY": sys.executable, "SMOKE_DIR": str(smoke), "SMOKE_STEPS": "1",
            "SMOKE_ARGS": "--reward_funcs no_such_reward"}
-    proc = subprocess.run(["bash", "scripts/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _proc.run(["bash", "scripts/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "smoke run failed (exit 1)" in proc.stderr

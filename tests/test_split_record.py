@@ -5,22 +5,18 @@ evaluation can never score a training row."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-
-from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, PYTHON, REPO, run
 
 pytestmark = pytest.mark.slow
 
 
-def test_evaluation_scores_the_runs_recorded_held_out_rows_only(tiny_model, processor, tmp_path):
+def test_evaluation_scores_the_runs_recorded_held_out_rows_only(tiny_model, processor, tmp_path, single_process_run):
     import evaluate
 
     out = tmp_path / "run"
-    args = [*offline_seed_script_args(tiny_model, out), "--synthetic_rows", "64", "--eval_fraction", "0.25",
-            "--max_steps", "2", *FAST]
-    run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *args])
+    shutil.copytree(single_process_run[0], out)  # 64 synthetic rows, --eval_fraction 0.25, 2 steps, one process
 
     record = json.loads((out / "split.json").read_text())
     assert json.loads((out / "checkpoint-2" / "split.json").read_text()) == record  # a fetched checkpoint carries it

