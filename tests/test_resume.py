@@ -335,3 +335,28 @@ def test_sigterm_asks_the_trainer_to_save_and_stop_at_the_step_end():
         stop.on_train_end(args, state, TrainerControl())
     assert signal.getsignal(signal.SIGTERM) is before, "the previous handlers are back after training"
 
+
+
+# ---- a dry run on a CPU machine over a GPU job's checkpoint ------------------------------------------------------
+
+
+def test_a_cpu_dry_run_is_not_refused_for_the_gpus_bf16_alone(tmp_path):
+    """A GPU job saves bf16=true (TRL's default); the same command on a machine without a GPU parses bf16=false. The
+    dry run checks the user's command, so it resumes the checkpoint; a real run there would train otherwise and is
+    refused (the control); any other changed argument is refused in the dry run too."""
+    out = tmp_path / "out"
+    gpu_signature = {**_saved_signature(out), "bf16": True}
+    assert _saved_signature(out)["bf16"] is False, "this machine has no GPU: the parser turned bf16 off"
+    ckpt = make_checkpoint(out / "checkpoint-6", 6, run_args=gpu_signature)
+
+    dry = _args(out, "--dry_run")
+    resolve_args(*dry)
+    assert dry[1].resume_from_checkpoint == str(ckpt)
+
+    with pytest.raises(ConfigError) as err:  # control: the same folder, a real run on this machine
+        resolve_args(*_args(out))
+    assert "(bf16 true -> false)" in str(err.value)
+
+    with pytest.raises(ConfigError) as err:
+        resolve_args(*_args(out, "--dry_run", "--learning_rate", "0.001"))
+    assert "was trained with other arguments (learning_rate" in str(err.value) and "bf16" not in str(err.value)

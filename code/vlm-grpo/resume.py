@@ -27,6 +27,10 @@ from config_error import ConfigError
 logger = logging.getLogger("grpo_vlm")
 
 RESUME_MODES = ("auto", "require", "continue", "fresh")  # --resume
+# Saved arguments the machine decides, not the user: without a GPU the script turns TRL's bf16=True off (grpo_vlm's
+# parser), so a `--dry_run` on a laptop of a GPU job's command differs from the job's checkpoints in bf16 alone. The dry
+# run checks the user's command, so it does not compare them (the job itself, on GPUs, still does).
+MACHINE_FIELDS = ("bf16",)
 
 
 def resume_point(script_args, training_args, model_args) -> tuple[str | None, bool]:
@@ -59,6 +63,8 @@ def decide_resume(script_args, training_args, model_args) -> dict:
     world_size = None if script_args.dry_run else training_args.world_size
     deepspeed = None if script_args.dry_run else uses_deepspeed(training_args)
     current = training_signature(script_args, training_args, model_args)
+    if script_args.dry_run:
+        current = {k: v for k, v in current.items() if k not in MACHINE_FIELDS}
     weights_only = script_args.resume_weights_only
     if weights_only and not model_args.use_peft:
         raise ConfigError("--resume_weights_only loads a checkpoint's LoRA adapter: it needs --use_peft (a full "
