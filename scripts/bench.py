@@ -66,7 +66,7 @@ def main() -> None:
                         help="run the configurations at the same time, each on its own num_processes GPUs (a 4-GPU "
                              "machine runs seed and tuned side by side); the default runs them one after another")
     parser.add_argument("--vllm_stand_in", action="store_true",
-                        help="where vLLM is missing (the device machine): run TRL's vLLM colocate path with the engine "
+                        help="where vLLM is missing (a GPU host with another torch): run TRL's vLLM colocate path with the engine "
                              "replaced by a stand-in (random fixed-length completions; the weight sync runs up to the "
                              "hand-off, into a sink): the trainer side of the vLLM path, measured")
     parser.add_argument("--skip_vision", action="store_true", help="skip the vision-tower timing child")

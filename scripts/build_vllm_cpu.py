@@ -2,7 +2,7 @@
 
 PyPI has no CPU wheel of vLLM 0.11.0 (only CUDA wheels and the sdist), and the FlexAI runtime's vLLM cannot run
 without a GPU, so CPU machines (CI, laptops with Linux) build their own. What the build needs, each found the hard
-way (facts in the team's shared/vllm-cpu.md):
+way:
 
 - VLLM_TARGET_DEVICE=cpu, `pip wheel --no-build-isolation` against the venv's torch 2.8.0 (the wheel must match the
   torch it will run with), the build tools of vLLM's requirements/cpu-build.txt.

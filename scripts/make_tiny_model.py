@@ -149,7 +149,7 @@ def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None):
     if pad_vocab_to:
         # Unreachable filler entries: they give the embedding and LM head the real model's shape. They go into the
         # BPE vocabulary itself (no merge produces them): as added tokens, tokenizers 0.22.1 (the pinned stack) spent
-        # over 9 minutes adding 150k of them on the device machine.
+        # over 9 minutes adding 150k of them (an H200 host's CPU).
         spec = json.loads(tok.to_str())
         vocab = spec["model"]["vocab"]
         for i in range(pad_vocab_to - len(vocab)):

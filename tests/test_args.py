@@ -1,5 +1,5 @@
 """code/vlm-grpo/grpo_vlm.py arguments: the seed command parsed token for token, FlexAI's folders, the refusals of
-validate_args, and the vision-token ban (KNOWN_ISSUES M5, U3, U4, U5, U6, U8)."""
+validate_args, and the vision-token ban (fix ledger M5, U3, U4, U5, U6, U8)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_seed_flags_each_change_something():
 
 def test_seed_checkpointing_gets_the_zero3_mode():
     """What the script adds to the seed's --gradient_checkpointing under ZeRO-3: non-reentrant checkpointing without
-    torch's metadata check (zero3.py, KNOWN_ISSUES M1); with checkpointing off it sets no kwargs."""
+    torch's metadata check (zero3.py, fix ledger M1); with checkpointing off it sets no kwargs."""
     from accelerate.utils import DeepSpeedPlugin
 
     from zero3 import configure_zero3

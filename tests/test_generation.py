@@ -1,4 +1,4 @@
-"""generation.ban_tokens_in_logits (KNOWN_ISSUES M10): the trainer scores the policy vLLM samples from, i.e. the
+"""generation.ban_tokens_in_logits (fix ledger M10): the trainer scores the policy vLLM samples from, i.e. the
 model's distribution renormalised over the tokens that can be sampled."""
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def script_args(model: Path, out: Path, steps: int, save_steps: int) -> list[str
 
 def launch(args: list[str], log: Path) -> str:
     env = dict(os.environ)
-    # NVLink multicast must stay off on the device hosts (it can take shared GPUs down); harmless elsewhere.
+    # NVLink multicast stays off (on shared multi-GPU hosts it can take GPUs down); harmless elsewhere.
     for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         env.setdefault(key, "0" if key == "NCCL_NVLS_ENABLE" else "1")
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -106,7 +106,7 @@ def test_zero3_checkpointing_trains_saves_and_resumes_on_gpus(model_3b, tmp_path
     # q_proj and v_proj of each of the 36 language-model layers; the vision tower names its projections qkv/proj.
     assert len(after_two) == 36 * 2 * 2, sorted(after_two)[:4]
     # PEFT starts every lora_B at zero, and Adam moves only weights with a gradient: a zero B is an adapter that
-    # training never reached (KNOWN_ISSUES M3's silent no-op).
+    # training never reached (fix ledger M3's silent no-op).
     zero_b = [k for k, v in after_two.items() if ".lora_B." in k and not v.abs().sum() > 0]
     assert not zero_b, f"LoRA B weights still zero after 2 steps: {zero_b[:5]}"
 

@@ -104,7 +104,7 @@ def test_zero3_updates_every_lora_weight_and_no_base_weight(weight_report):
     assert len(trainable) == 8 and sorted(report["lora_changed"]) == sorted(trainable)
     assert len(report["lora_nonzero_B"]) == 4 and report["base_changed"], "the recorder compared nothing"
     unchanged = [n for n, changed in report["lora_changed"].items() if not changed]
-    assert not unchanged, f"LoRA weights that training did not move (silent no-op, KNOWN_ISSUES M3): {unchanged}"
+    assert not unchanged, f"LoRA weights that training did not move (silent no-op, fix ledger M3): {unchanged}"
     assert all(report["lora_nonzero_B"].values())
     changed = [n for n, c in report["base_changed"].items() if c]
     missing = [n for n, c in report["base_changed"].items() if c is None]

@@ -2,7 +2,7 @@
 
 Data preparation stores the downscaled image (code/vlm-grpo/data.py), so GRPOTrainer's processor and the colocated
 vLLM engine get the same pixels. Were vLLM handed a different size, its expansion of the image placeholder would
-disagree with the ids the trainer scores (KNOWN_ISSUES M8), which vllm_colocate.check_engine_prompts stops on.
+disagree with the ids the trainer scores (fix ledger M8), which vllm_colocate.check_engine_prompts stops on.
 """
 
 from __future__ import annotations

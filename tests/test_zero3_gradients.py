@@ -35,7 +35,7 @@ def grad_check_args(model: Path, output_dir: Path, per_device_batch: int, checkp
         "--dtype", "float32",  # exact enough to compare (the seed's bfloat16 would round both runs differently)
         "--lora_dropout", "0",  # dropout masks would differ between the runs
         # qkv: the vision blocks' attention, so adapters also sit in checkpointed blocks whose inputs need no gradient,
-        # where a wrong checkpointing mode loses them (KNOWN_ISSUES M3); the text layers' inputs get requires_grad
+        # where a wrong checkpointing mode loses them (fix ledger M3); the text layers' inputs get requires_grad
         # from TRL (enable_input_require_grads), so the seed's q_proj/v_proj alone would not tell the modes apart
         "--lora_target_modules", "q_proj", "v_proj", "qkv",
         "--per_device_train_batch_size", str(per_device_batch),

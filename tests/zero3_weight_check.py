@@ -5,7 +5,7 @@
 
 Rank 0 writes REPORT.json: for every LoRA tensor whether it differs from its value at the start of training, for
 every base tensor whether it differs from the model file on disk, the LR scheduler's group count against the
-optimizer's (KNOWN_ISSUES M4), and the checkpointing kwargs in force at the end (M1'). Parameters are gathered across
+optimizer's (fix ledger M4), and the checkpointing kwargs in force at the end (M1'). Parameters are gathered across
 ZeRO-3 ranks first, so the comparison sees whole tensors, not shards.
 
 With `--use_vllm` it also syncs the trained policy into the colocated vLLM engine the way the next rollout would

@@ -214,7 +214,7 @@ def run_benchmark(args) -> None:
     slices = gpu_slices(len(names), args.num_processes, gpus, args.parallel and bool(gpus))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
-    # NVLink multicast stays off on the device hosts (KINDS.md: it can put shared GPUs out of service).
+    # NVLink multicast stays off (on shared multi-GPU hosts it can put GPUs out of service); harmless elsewhere.
     env.update({k: env.get(k, v) for k, v in
                 {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items()})
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's GPU numbers = nvidia-smi's, for --parallel and the memory poller

@@ -38,7 +38,7 @@ def install_vllm_stand_in(completion_length: int, rec: Recorder) -> None:
     (gather, LoRA merge, name mapping, unmerge) runs unchanged up to the hand-off, where a sink takes the tensors;
     generation returns random completions of exactly `completion_length` tokens (ids below the special tokens) with
     made-up sampling log-probs. Everything after generation (importance-sampling forward, loss, backward, optimizer)
-    is TRL's and this recipe's code. For a GPU machine without vLLM (the device machine: see BENCHMARKS.md)."""
+    is TRL's and this recipe's code. For a GPU machine without vLLM (see BENCHMARKS.md)."""
     import types
 
     import torch
