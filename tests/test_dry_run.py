@@ -127,14 +127,15 @@ def test_missing_columns_fail_with_a_clear_error(run_script, weightless_model, t
     datasets.Dataset.from_dict({"question": ["How many?"], "answer": ["3"]}).to_parquet(str(parquet))
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--dry_run"]
     argv = swap(argv, dataset_name=str(parquet))
-    proc = _fails_fast(run_script, argv, ["missing column(s) ['image', 'problem', 'solution']", "question"],
+    proc = _fails_fast(run_script, argv, ["no column 'image' (--image_column), 'problem' (--problem_column), 'solution' (--solution_column)",
+                        "its columns are ['question', 'answer']"],
                        env={"HF_TOKEN": hf_token})
     assert hf_token not in proc.stdout + proc.stderr
 
 
 def test_unknown_reward_fails_with_the_valid_names(run_script, weightless_model, tmp_path):
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--reward_funcs", "format", "acuracy", "--dry_run"]
-    _fails_fast(run_script, argv, ["unknown reward function(s) ['acuracy']", "'accuracy'", "'format'"])
+    _fails_fast(run_script, argv, ["unknown reward function 'acuracy'", "'accuracy'", "'format'"])
 
 
 @pytest.fixture(scope="module")

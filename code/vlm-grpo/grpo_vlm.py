@@ -61,6 +61,7 @@ from checkpoints import (  # noqa: E402
 )
 from data import (  # noqa: E402
     IMAGE_POLICIES,
+    Columns,
     DatasetError,
     load_raw_dataset,
     prepare_dataset,
@@ -69,7 +70,7 @@ from data import (  # noqa: E402
 )
 from generation import vision_token_ban  # noqa: E402
 from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
-from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
+from rewards import REWARD_FUNCS, SYSTEM_PROMPT, RewardError, check_reward_funcs, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
 
 logger = logging.getLogger("grpo_vlm")
@@ -82,8 +83,20 @@ class VLMGRPOScriptArguments(ScriptArguments):
         default="lmms-lab/multimodal-open-r1-8k-verified",
         metadata={
             "help": "Hub id, local path (parquet file/folder, `save_to_disk` folder, jsonl with image paths) or "
-            "'synthetic' (built-in offline dataset of generated images with verifiable answers)."
+            "'synthetic' (built-in offline dataset of generated images with verifiable answers) or 'grounding' "
+            "(generated shapes, answers are boxes: use --reward_funcs format iou)."
         },
+    )
+    image_column: str = field(
+        default="image",
+        metadata={"help": "Column holding each row's image: an image, a path (jsonl), or a list of them (several "
+                          "images a row, one placeholder each, in order)."},
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding each row's question."})
+    solution_column: str = field(
+        default="solution",
+        metadata={"help": "Column holding each row's gold answer (ideally `<think>...</think><answer>...</answer>`); "
+                          "rewards read it as `solution`, and under its own name too."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -117,7 +130,9 @@ class VLMGRPOScriptArguments(ScriptArguments):
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["format", "accuracy"],
-        metadata={"help": f"Reward functions, by name: {sorted(REWARD_FUNCS)}."},
+        metadata={"help": f"Reward functions: names from {sorted(REWARD_FUNCS)}, and your own as "
+                          "path/to/file.py:function or package.module:function (TRL's reward signature, "
+                          "`f(completions, **kwargs)`, every dataset column by name). Weights: --reward_weights."},
     )
     system_prompt: str = field(
         default=SYSTEM_PROMPT, metadata={"help": "System prompt; the default asks for the format the rewards check."}
@@ -266,6 +281,10 @@ def validate_args(script_args, training_args, model_args) -> None:
         get_reward_funcs(script_args.reward_funcs)
     except ValueError as err:  # unknown names: the message lists the valid ones; `error: ...`, not a traceback
         raise ConfigError(str(err)) from err
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(script_args.reward_funcs):  # TRL checks it after loading weights
+        raise ConfigError(f"--reward_weights has {len(weights)} values for {len(script_args.reward_funcs)} "
+                          f"--reward_funcs {script_args.reward_funcs}: give one weight per reward")
     if training_args.use_vllm and training_args.vllm_enable_sleep_mode:
         raise ConfigError(
             "--vllm_enable_sleep_mode is broken in TRL 1.2.0: after waking up, vLLM reloads the weights from disk, "
@@ -537,12 +556,18 @@ def load_source(script_args, training_args, limit: int | None = None):
         script_args.dataset_train_split,
         synthetic_rows=script_args.synthetic_rows,
         seed=training_args.seed,
+        columns=data_columns(script_args),
     )
     source_rows = len(raw)
     n = min(x for x in (source_rows, script_args.max_train_samples, limit) if x is not None)
     if n < source_rows:
         raw = raw.select(range(n))
     return raw, source_rows
+
+
+def data_columns(script_args) -> Columns:
+    """--image_column, --problem_column, --solution_column (defaults for a namespace without them)."""
+    return Columns(*(getattr(script_args, f"{part}_column", part) for part in ("image", "problem", "solution")))
 
 
 def load_datasets(script_args, training_args, processor, limit: int | None = None):
@@ -588,6 +613,7 @@ def split_record(script_args, training_args, train_dataset, held_out) -> dict:
         "dataset_train_split": script_args.dataset_train_split,
         "seed": training_args.seed,
         "eval_fraction": script_args.eval_fraction,
+        "columns": vars(data_columns(script_args)),
         "train_source_indices": sorted(train_dataset[SOURCE_INDEX]),
         "held_out_source_indices": sorted(held_out[SOURCE_INDEX]) if held_out is not None else [],
     }
@@ -625,9 +651,11 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
     from trainer import VLMGRPOTrainer
 
     peft_config = get_peft_config(model_args)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    check_reward_funcs(script_args.reward_funcs, reward_funcs, train_dataset[0])  # before the weights load
     return VLMGRPOTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -709,7 +737,8 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     """Prepare the first rows for real, survey every row from its image header (sizes, image tokens, prompt lengths,
     rows kept under each --image_policy), check the processor and the batch arithmetic; print the plan. Loads no
     model weights."""
-    _, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    check_reward_funcs(script_args.reward_funcs, get_reward_funcs(script_args.reward_funcs), checked[0])
     raw, _ = load_source(script_args, training_args)
     survey = survey_dataset(
         raw,
@@ -797,5 +826,5 @@ def signal_name(signum: int) -> str:
 if __name__ == "__main__":
     try:
         main(*parse_args())
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, RewardError) as err:
         sys.exit(f"error: {err}")

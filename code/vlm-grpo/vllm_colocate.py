@@ -10,6 +10,12 @@ M8  first rollout: `ValueError: Attempted to assign 16 + ... = 128 multimodal to
     the same ids with each run of `<|image_pad|>` collapsed to one token, so its own expansion reproduces exactly the
     ids the trainer scores; the ids vLLM reports back are checked against the trainer's, so a future mismatch
     (another processor, a resized image) stops the run with a clear error instead of training on misaligned tokens.
+M12 several images a prompt: TRL 1.2.0 builds the colocated engine (`trl/generation/vllm_generation.py`,
+    `LLM(...)` in VLLMGeneration's colocate branch) without `limit_mm_per_prompt`, so vLLM 0.11.0 applies its own
+    default and sizes its encoder-cache profiling for it; a limit below the data's image count rejects the request
+    mid-run. `images_per_prompt_limit` sets it from the data: the largest image count of a row. The M8 fix already
+    works per image: each image's run of `<|image_pad|>` is collapsed on its own (runs are separated by
+    `<|vision_end|><|vision_start|>`), and the check compares every prompt's ids, all its images included.
 M9  (CPU build only) rank 1 dies in vLLM's CPU worker (`vllm/v1/worker/cpu_worker.py:61`, `omp_cpuids[self.rank]`;
     with the default "auto" binding the same happens a few lines later, `allowed_numa_nodes[self.local_rank]`): under
     TRL's `external_launcher` every process holds a one-worker engine, but the worker indexes its thread-binding list
@@ -20,6 +26,7 @@ M9  (CPU build only) rank 1 dies in vLLM's CPU worker (`vllm/v1/worker/cpu_worke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -70,6 +77,28 @@ def align_prompts_with_vllm(vllm_generation, pad_id: int) -> None:
         return (prompts, *rest)
 
     vllm_generation.generate = generate_with_unexpanded_images
+
+
+# ---- M12: vLLM's per-prompt image limit from the data --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def images_per_prompt_limit(max_images: int):
+    """While active, the engine TRL builds gets `limit_mm_per_prompt={"image": max_images}` (M12)."""
+    from trl.generation import vllm_generation
+
+    upstream = vllm_generation.LLM
+
+    def llm_with_image_limit(*args, **kwargs):
+        kwargs.setdefault("limit_mm_per_prompt", {"image": max_images})
+        logger.info("vLLM: at most %d image(s) per prompt (limit_mm_per_prompt, the data's largest row)", max_images)
+        return upstream(*args, **kwargs)
+
+    vllm_generation.LLM = llm_with_image_limit
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = upstream
 
 
 # ---- M9: CPU build only ------------------------------------------------------------------------------------------
