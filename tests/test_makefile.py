@@ -333,7 +333,7 @@ def test_dataset_push_checks_the_folder_with_the_scripts_loader_then_pushes(tmp_
 
 
 @pytest.mark.parametrize("setup, fragments", [
-    (lambda p: make_dataset_dir(p / "d", drop=("solution",)), ("missing column(s) ['solution']",)),
+    (lambda p: make_dataset_dir(p / "d", drop=("solution",)), ("no column 'solution' (--solution_column)",)),
     (lambda p: p / "absent", ("no such file or folder",)),
     (lambda p: (p / "empty").mkdir() or p / "empty", ("no dataset found",)),
 ])
@@ -341,6 +341,18 @@ def test_dataset_push_refuses_what_training_would_refuse(tmp_path, setup, fragme
     folder = setup(tmp_path)
     run = run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=x")
     assert_one_line_error(run, f"DIR={folder} cannot be pushed", *fragments)
+
+
+def test_dataset_push_checks_the_column_flags_of_args(tmp_path):
+    """The check reads --problem_column (and the other two) from ARGS, as training will: a folder whose question
+    column is `problem` is refused for ARGS naming `question`, with the columns it has."""
+    folder = make_dataset_dir(tmp_path / "d")
+    run = run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=x", "ARGS=--problem_column question")
+    assert_one_line_error(run, f"DIR={folder} cannot be pushed", "no column 'question' (--problem_column)",
+                          "its columns are ['image', 'problem', 'solution', 'original_question', 'original_answer']")
+    argv = only_flexai_call(run_make(tmp_path / "ok", "flexai-dataset-push", f"DIR={folder}", "DATASET=x",
+                                     "ARGS=--problem_column original_question --solution_column=solution"))
+    assert argv == ["dataset", "push", "x", "--file", str(folder)]
 
 
 @pytest.mark.parametrize("knobs, fragment", [(("DIR=x",), "DATASET is not set"), (("DATASET=x",), "DIR is not set")])

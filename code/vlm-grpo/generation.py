@@ -63,30 +63,39 @@ class GenerationSettings:
     batch_size: int = 8  # questions per forward pass (HF backend)
 
 
-def with_image(prompt: list[dict]) -> list[dict]:
-    """The conversational prompt with an image slot before the user's text (what TRL does for image rows)."""
+def with_image(prompt: list[dict], num_images: int = 1) -> list[dict]:
+    """The conversational prompt with `num_images` image slots before the user's text (what TRL does for image
+    rows)."""
     messages = copy.deepcopy(prompt)
     for message in messages:
         if message["role"] == "user":
             text = message["content"]
             if isinstance(text, str):
-                message["content"] = [{"type": "image"}, {"type": "text", "text": text}]
+                message["content"] = [*[{"type": "image"}] * num_images, {"type": "text", "text": text}]
             break
     else:
         raise ValueError("prompt has no user message to attach the image to")
     return messages
 
 
-def prompt_texts(processor, prompts: list[list[dict]]) -> list[str]:
+def image_lists(images: list) -> list[list]:
+    """Each row's images as a list: rows of one image (`image` column) or of several (`images`)."""
+    return [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+
+
+def prompt_texts(processor, prompts: list[list[dict]], images: list | None = None) -> list[str]:
+    counts = [len(ims) for ims in image_lists(images)] if images is not None else [1] * len(prompts)
     return [
-        processor.apply_chat_template(with_image(p), add_generation_prompt=True, tokenize=False) for p in prompts
+        processor.apply_chat_template(with_image(p, n), add_generation_prompt=True, tokenize=False)
+        for p, n in zip(prompts, counts, strict=True)
     ]
 
 
 def model_inputs(processor, prompts: list[list[dict]], images: list, device="cpu"):
-    """Tokenized, left-padded batch of prompts with their images (pixel values and grid sizes included)."""
+    """Tokenized, left-padded batch of prompts with their images (pixel values and grid sizes included); an entry
+    of `images` is one image or a list of them."""
     inputs = processor(
-        text=prompt_texts(processor, prompts), images=[[im] for im in images], padding=True, return_tensors="pt"
+        text=prompt_texts(processor, prompts, images), images=image_lists(images), padding=True, return_tensors="pt"
     )
     return inputs.to(device)
 
@@ -155,8 +164,8 @@ def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings,
     """The same completions with a vLLM engine (`vllm.LLM`); `lora_request` applies an adapter without merging."""
     params = vllm_sampling_params(llm, settings)
     requests = [
-        {"prompt": text, "multi_modal_data": {"image": image}}
-        for text, image in zip(prompt_texts(processor, prompts), images, strict=True)
+        {"prompt": text, "multi_modal_data": {"image": image}}  # one image, or a row's list of them
+        for text, image in zip(prompt_texts(processor, prompts, images), images, strict=True)
     ]
     results = llm.generate(requests, params, lora_request=lora_request, use_tqdm=True)
     return [[o.text for o in r.outputs] for r in results]

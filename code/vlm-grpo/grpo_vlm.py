@@ -766,6 +766,8 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     if longest is not None and script_args.max_prompt_length:
         longest = min(longest, script_args.max_prompt_length)  # longer rows are dropped before training
     plan["vllm"] = check_vllm_limits(training_args, model_args, longest)
+    if plan["vllm"] is not None and survey["images_per_row"]:  # what trainer.py gives vLLM (M12, vllm_colocate.py)
+        plan["vllm"]["limit_mm_per_prompt"] = {"image": survey["images_per_row"]["max"]}
     plan["note"] = (
         f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
         "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
