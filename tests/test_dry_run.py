@@ -290,3 +290,12 @@ def test_dry_run_refuses_a_vllm_context_longer_than_the_models(run_script, weigh
     assert proc.returncode == 1
     assert "error: vLLM's max model length 5048" in proc.stderr and "context of 4096 tokens" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_reward_file_returning_the_wrong_number_of_scores_fails_the_dry_run(run_script, weightless_model, tmp_path):
+    """The reward is imported and called once on a dummy completion of the first row (issue 19), in one line."""
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def pairs(completions, **kwargs):\n    return [0.0, 1.0]\n")
+    argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--reward_funcs", "format", f"{reward}:pairs",
+            "--dry_run"]
+    _fails_fast(run_script, argv, [f"error: --reward_funcs {reward}:pairs: returned 2 scores for 1 completion"])

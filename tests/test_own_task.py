@@ -103,6 +103,21 @@ def test_vllm_gets_the_datas_image_limit_and_every_multi_image_prompt_matches(ow
     assert counts[2] and counts[3], counts  # prompts of two and three images went through vLLM
 
 
+@pytest.mark.slow
+def test_grounding_trains_three_steps_through_vllm_with_format_and_iou(tiny_model, tmp_path):
+    """The grounding task, scored by `format` and `iou`, on the seed's generation path. The tiny model's random
+    completions hold no box, so iou is 0 here: this proves the plumbing (the grounding rows, the frame columns the
+    iou reward reads reaching it through TRL), not learning."""
+    out = tmp_path / "run"
+    args = [*vllm_seed_args(tiny_model, out, 3), "--dataset_name", "grounding", "--synthetic_rows", "16",
+            "--eval_fraction", "0", "--reward_funcs", "format", "iou", "--max_completion_length", "16",
+            "--per_device_train_batch_size", "4", "--num_generations", "4", "--logging_steps", "1", "--save_steps", "3"]
+    proc = run_group(launch_cmd("code/vlm-grpo/grpo_vlm.py", args))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "rewards/iou_reward/mean" in h] == [1, 2, 3]
+
+
 # ---- experiments/vlm-grpo/own-task.md: every snippet runs ------------------------------------------------------
 
 GUIDE = REPO / "experiments" / "vlm-grpo" / "own-task.md"
@@ -176,3 +191,27 @@ def test_the_guides_commands_parse_and_the_push_checks_the_columns(photos, tiny_
     run = run_make(photos / "make", *push)
     assert run.returncode == 0, run.stderr
     assert run.argv("flexai") == [["dataset", "push", "my-cracks", "--file", str(folder)]]
+
+
+def test_training_checks_the_reward_before_any_weights_load(tiny_model, tmp_path, monkeypatch):
+    """build_trainer calls each reward on the first row before the trainer (which loads the weights) is built."""
+    import grpo_vlm
+    import trainer
+    from flexai_stub import offline_seed_script_args
+    from rewards import RewardError
+
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def needs_box(completions, box, **kwargs):\n    return [0.0] * len(completions)\n")
+    argv = [*offline_seed_script_args(tiny_model, tmp_path / "out"), "--reward_funcs", f"{reward}:needs_box"]
+    script_args, training_args, model_args = grpo_vlm.parse_args(argv)
+    built = []
+    monkeypatch.setattr(trainer, "VLMGRPOTrainer", lambda *a, **k: built.append(1))
+    row = {"prompt": [], "problem": "q", "solution": "<answer>1</answer>", "image": None}
+    with pytest.raises(RewardError, match=r"needs_box: calling it on a dummy completion raised TypeError"):
+        grpo_vlm.build_trainer(script_args, training_args, model_args, None, [row], None)
+    assert built == []
+    fixed = tmp_path / "fixed_reward.py"  # the control: the same reward, taking the columns the data has
+    fixed.write_text("def needs_box(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    script_args.reward_funcs = [f"{fixed}:needs_box"]
+    grpo_vlm.build_trainer(script_args, training_args, model_args, None, [row], None)
+    assert built == [1]
