@@ -11,10 +11,12 @@ M8  first rollout: `ValueError: Attempted to assign 16 + ... = 128 multimodal to
     ids the trainer scores; the ids vLLM reports back are checked against the trainer's, so a future mismatch
     (another processor, a resized image) stops the run with a clear error instead of training on misaligned tokens.
 M12 several images a prompt: TRL 1.2.0 builds the colocated engine (`trl/generation/vllm_generation.py`,
-    `LLM(...)` in VLLMGeneration's colocate branch) without `limit_mm_per_prompt`, so vLLM 0.11.0 applies its own
-    default and sizes its encoder-cache profiling for it; a limit below the data's image count rejects the request
-    mid-run. `images_per_prompt_limit` sets it from the data: the largest image count of a row. The M8 fix already
-    works per image: each image's run of `<|image_pad|>` is collapsed on its own (runs are separated by
+    `LLM(...)` in VLLMGeneration's colocate branch) without `limit_mm_per_prompt`, so vLLM 0.11.0 (V1) allows 999
+    images and 999 videos a prompt (`vllm/config/multimodal.py`, get_limit_per_prompt) and sizes its multimodal
+    profiling for the largest prompt it could get, not the data's; a limit below the data's count refuses the prompt
+    ("At most 1 image(s) may be provided in one prompt", what evaluate.py's former hard-coded limit of 1 did to rows
+    of two images). `images_per_prompt_limit` sets it from the data: the largest image count of a row. The M8 fix
+    already works per image: each image's run of `<|image_pad|>` is collapsed on its own (runs are separated by
     `<|vision_end|><|vision_start|>`), and the check compares every prompt's ids, all its images included.
 M9  (CPU build only) rank 1 dies in vLLM's CPU worker (`vllm/v1/worker/cpu_worker.py:61`, `omp_cpuids[self.rank]`;
     with the default "auto" binding the same happens a few lines later, `allowed_numa_nodes[self.local_rank]`): under
