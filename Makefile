@@ -138,7 +138,7 @@ require-env = $(if $(env_bad),$(error ENV must be space-separated K=V words; not
 ready_problem = $(shell $(VPY) scripts/merge_lora.py --check_inference_ready $(call q,$(MERGED)) 2>/dev/null || echo "$(MERGED): the inference-ready check itself failed: run $(VPY) scripts/merge_lora.py --check_inference_ready $(MERGED)")
 require-ready = $(require-venv)$(if $(strip $(ready_problem)),$(error $(ready_problem)))
 # the script's own loader (code/vlm-grpo/data.py) and column check on DIR: one line saying what is wrong, else nothing
-dataset_problem = $(shell $(VPY) -c $$'import sys\nsys.path.insert(0, "$(TRAIN_DIR)")\nfrom data import DatasetError, check_columns, load_raw_dataset\ntry: check_columns(load_raw_dataset(sys.argv[1]))\nexcept DatasetError as err: print(f"DIR={sys.argv[1]} cannot be pushed: {err}")' $(call q,$(DIR)) 2>/dev/null || echo "$(DIR): the dataset check itself failed: see $(VPY) -c ... in the Makefile")
+dataset_problem = $(shell $(VPY) -c $$'import sys\nsys.path.insert(0, "$(TRAIN_DIR)")\nfrom data import Columns, DatasetError, check_columns, load_raw_dataset\ntry: check_columns(load_raw_dataset(sys.argv[1], columns=Columns(*sys.argv[2:5])))\nexcept DatasetError as err: print(f"DIR={sys.argv[1]} cannot be pushed: {err}")' $(call q,$(DIR)) $(call q,$(call flag,--image_column,image)) $(call q,$(call flag,--problem_column,problem)) $(call q,$(call flag,--solution_column,solution)) 2>/dev/null || echo "$(DIR): the dataset check itself failed: see $(VPY) -c ... in the Makefile")
 
 # GRPO's batch arithmetic (TRL 1.2.0 GRPOConfig.__post_init__, U8 in experiments/vlm-grpo/INTERNALS.md) checked before any job starts: the
 # completions of one generation must split into whole groups of --num_generations, over all NODES x ACCELS processes.

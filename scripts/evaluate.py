@@ -34,7 +34,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
 
 from adapters import AdapterError, attach_adapter, find_adapter_dir, load_base_model, load_processor  # noqa: E402
-from data import IMAGE_POLICIES, SOURCE_INDEX, SPLIT_RECORD, DatasetError  # noqa: E402
+from data import IMAGE_POLICIES, SOURCE_INDEX, SPLIT_RECORD, DatasetError, image_column, max_images_per_row  # noqa: E402
 from generation import GenerationSettings, hf_generate, vllm_available, vllm_generate  # noqa: E402
 from grpo_vlm import VLMGRPOScriptArguments, load_datasets  # noqa: E402
 from path_checks import check_model_path, check_output_dir  # noqa: E402
@@ -68,6 +68,10 @@ class EvalArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "As grpo_vlm.py --dataset_train_split."})
     synthetic_rows: int = field(default=_TRAIN.synthetic_rows, metadata={"help": "As grpo_vlm.py --synthetic_rows."})
     max_train_samples: int | None = field(default=None, metadata={"help": "As grpo_vlm.py --max_train_samples."})
+    image_column: str = field(default=_TRAIN.image_column, metadata={"help": "As grpo_vlm.py --image_column."})
+    problem_column: str = field(default=_TRAIN.problem_column, metadata={"help": "As grpo_vlm.py --problem_column."})
+    solution_column: str = field(default=_TRAIN.solution_column,
+                                 metadata={"help": "As grpo_vlm.py --solution_column."})
     max_image_side: int | None = field(default=_TRAIN.max_image_side, metadata={"help": "As grpo_vlm.py --max_image_side."})
     image_policy: str = field(default=_TRAIN.image_policy, metadata={"help": "As grpo_vlm.py --image_policy.",
                                                                      "choices": list(IMAGE_POLICIES)})
@@ -129,6 +133,9 @@ def data_arguments(args: EvalArguments, eval_fraction: float):
         dataset_train_split=args.dataset_train_split,
         synthetic_rows=args.synthetic_rows,
         max_train_samples=args.max_train_samples,
+        image_column=args.image_column,
+        problem_column=args.problem_column,
+        solution_column=args.solution_column,
         max_image_side=args.max_image_side,
         image_policy=args.image_policy,
         max_prompt_length=args.max_prompt_length,
@@ -153,6 +160,10 @@ def load_eval_rows(args: EvalArguments, processor, adapter_dir: Path | None = No
         if record["dataset_name"] != args.dataset_name:
             raise DatasetError(f"the run at {adapter_dir} trained on {record['dataset_name']!r}, not "
                                f"{args.dataset_name!r}: pass --dataset_name {record['dataset_name']}")
+        columns = {"image": args.image_column, "problem": args.problem_column, "solution": args.solution_column}
+        if record.get("columns", columns) != columns:
+            flags = " ".join(f"--{part}_column {name}" for part, name in record["columns"].items())
+            raise DatasetError(f"the run at {adapter_dir} read its rows from other columns: pass {flags}")
         return _recorded_held_out_rows(args, processor, record)
     script_args = data_arguments(args, eval_fraction=args.eval_fraction if args.split == "held_out" else 0.0)
     if args.split == "held_out" and args.eval_fraction <= 0:
@@ -190,7 +201,7 @@ def score_completions(completions: list[list[str]], rows) -> dict:
 
     Rewards get what TRL gives them in training: conversational completions and the dataset's columns, one entry
     per completion."""
-    flat, columns = [], {c: [] for c in rows.column_names if c not in ("prompt", "image")}
+    flat, columns = [], {c: [] for c in rows.column_names if c not in ("prompt", "image", "images")}
     for i, samples in enumerate(completions):
         for text in samples:
             flat.append([{"role": "assistant", "content": text}])
@@ -213,7 +224,7 @@ def score_completions(completions: list[list[str]], rows) -> dict:
 def generate_all(args: EvalArguments, label: str, model_or_llm, processor, rows, lora_request=None) -> list[list[str]]:
     import torch
 
-    prompts, images = rows["prompt"], rows["image"]
+    prompts, images = rows["prompt"], rows[image_column(rows)]
     torch.manual_seed(args.seed)  # the same sampling noise for every model: a paired comparison
     if args.backend_used == "vllm":
         return vllm_generate(model_or_llm, processor, prompts, images, args.generation, lora_request=lora_request)
@@ -316,12 +327,13 @@ def _run_vllm(args, processor, rows, adapter_dir, dtype):
     # One engine in this process, no engine-core subprocess: nothing to gain for offline scoring, and it works from
     # any caller (tests, notebooks) without a __main__ guard.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    cpu_thread_binding_workaround()  # CPU build only: the engine shares this process's cores (KNOWN_ISSUES M9)
+    cpu_thread_binding_workaround()  # CPU build only: the engine shares this process's cores (fix ledger M9)
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
     completions, models = {}, {}
-    engine_kwargs = dict(dtype=dtype, limit_mm_per_prompt={"image": 1}, seed=args.seed, gpu_memory_utilization=0.8)
+    engine_kwargs = dict(dtype=dtype, limit_mm_per_prompt={"image": max_images_per_row(rows)}, seed=args.seed,
+                         gpu_memory_utilization=0.8)
     merged_adapter = None
     if adapter_dir:
         targets = read_adapter_config(adapter_dir).get("target_modules") or []

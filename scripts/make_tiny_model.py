@@ -3,6 +3,7 @@
 
     python scripts/make_tiny_model.py OUT_DIR                 # tiny: ~2M parameters, for CPU tests and `make smoke`
     python scripts/make_tiny_model.py OUT_DIR --preset 3b     # Qwen2.5-VL-3B-Instruct's architecture (bench, GPU tests)
+    python scripts/make_tiny_model.py OUT_DIR --preset tiny-untied --box_answer_steps 150   # answers in box form
 
 Nothing is downloaded: the tokenizer is a byte-level BPE generated here, carrying Qwen's special tokens
 (`<|im_start|>`, `<|vision_start|>`, `<|image_pad|>` ...) at the ids the model config points at, and Qwen2-VL's
@@ -268,6 +269,84 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str =
     return out
 
 
+# The answer the box warm-up teaches: the `format` reward's form with a grounding box, the think part fixed and short.
+BOX_ANSWER = "<think>I look.</think><answer>[{}, {}, {}, {}]</answer>"
+
+
+def random_box(rng, side: int) -> tuple[int, int, int, int]:
+    """A box anywhere in a side x side image, 8 pixels to the whole image on each side: wide on purpose, so the
+    boxes the taught model samples are as often far from a grounding gold box as near it."""
+    x1, y1 = rng.randrange(side - 8), rng.randrange(side - 8)
+    return x1, y1, rng.randint(x1 + 8, side), rng.randint(y1 + 8, side)
+
+
+def teach_box_answers(model_dir: str | Path, steps: int = 150, seed: int = 0, batch_size: int = 16,
+                      learning_rate: float = 3e-3) -> dict:
+    """Supervised warm-up, in place: the model learns to answer the `grounding` dataset's questions (real prompts,
+    images and chat template, as GRPO will ask them) with `BOX_ANSWER` around a random box drawn afresh at every step,
+    independent of the image and the question. A random-weights model never writes a box, so the `format` and `iou`
+    rewards are 0 for all its completions and GRPO has no signal; after this it writes a box every time and the box
+    varies, so `iou` has variance to learn from, yet nothing about where the shapes are has been taught. Full
+    fine-tuning in float32, saved in the folder's dtype; seconds on a CPU for the tiny presets. Returns the loss
+    before and after."""
+    import random
+    import shutil
+    import sys
+    import tempfile
+
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
+    from data import make_prompt
+    from synthetic_data import grounding_example
+
+    model_dir = Path(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tokenizer = processor.tokenizer
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    saved_dtype = json.loads((model_dir / "config.json").read_text()).get("torch_dtype", "bfloat16")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    side = 112  # synthetic_data's default image side, the one `--dataset_name grounding` draws
+    rows = [grounding_example(rng, side)[:2] for _ in range(64)]
+    prompts = []
+    for image, problem in rows:
+        messages = make_prompt(problem)
+        messages[1]["content"] = [{"type": "image"}, {"type": "text", "text": problem}]  # TRL's image placement
+        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    tokenizer.padding_side = "right"
+    losses = []
+    model.train()
+    for _ in range(steps):
+        picks = [rng.randrange(len(rows)) for _ in range(batch_size)]
+        answers = [BOX_ANSWER.format(*random_box(rng, side)) + tokenizer.eos_token for _ in picks]
+        prompt_lens = [len(processor(text=[prompts[i]], images=[rows[i][0]])["input_ids"][0]) for i in picks]
+        batch = processor(text=[prompts[i] + a for i, a in zip(picks, answers)], images=[rows[i][0] for i in picks],
+                          padding=True, return_tensors="pt")
+        labels = batch["input_ids"].clone()
+        labels[batch["attention_mask"] == 0] = -100
+        for row, n in enumerate(prompt_lens):
+            labels[row, :n] = -100  # learn the answer only
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    with tempfile.TemporaryDirectory() as tmp:
+        # the weights only: a reloaded config saved again loses its top-level image/video/vision token ids
+        # (transformers 4.57), which generate() needs to count the images of a prompt
+        model.to(getattr(torch, saved_dtype)).save_pretrained(tmp, safe_serialization=True)
+        shutil.move(Path(tmp) / "model.safetensors", model_dir / "model.safetensors")
+    info_file = model_dir / "tiny_model_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info["box_answer_warmup"] = {"steps": steps, "seed": seed, "batch_size": batch_size, "learning_rate": learning_rate,
+                                 "answer": BOX_ANSWER, "loss_first": losses[0], "loss_last": losses[-1]}
+    info_file.write_text(json.dumps(info, indent=2))
+    return info["box_answer_warmup"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the model, tokenizer and processor into")
@@ -275,8 +354,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights dtype")
     parser.add_argument("--device", default="cpu", help="where the weights are initialised, e.g. cuda (much faster)")
+    parser.add_argument("--box_answer_steps", type=int, default=0,
+                        help="then teach the answer form <think>…</think><answer>[x1, y1, x2, y2]</answer> with random "
+                             "boxes in this many supervised steps (teach_box_answers), for learning tests with `iou`")
     args = parser.parse_args()
     print(build(args.out_dir, args.preset, args.seed, args.dtype, args.device))
+    if args.box_answer_steps:
+        print(teach_box_answers(args.out_dir, args.box_answer_steps, args.seed))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ from data import (
     split_train_eval,
 )
 from rewards import SYSTEM_PROMPT
+from synthetic_data import COLORS
 
 SOLUTION = "<think>I count them.</think>\n\n<answer>3</answer>"
 
@@ -437,7 +439,6 @@ def test_two_processes_prepare_the_data_once(tmp_path, tiny_model, repo_root):
     """Under `accelerate launch` (the recipe's ZeRO-3 config, 2 processes), the first process prepares the rows and
     the second reads its cache: one "checking rows" pass, one "kept" line, the same rows in both."""
     import os
-    import subprocess
     import sys
 
     import make_scale_parquet
@@ -464,3 +465,150 @@ def test_two_processes_prepare_the_data_once(tmp_path, tiny_model, repo_root):
     first, second = report["processes"]
     assert first["train_rows"] == second["train_rows"] == 40
     assert first["cache_files"] == second["cache_files"] != []  # the second process reads the first one's files
+
+
+# ---- your own columns, several images a row (issue 19) ---------------------------------------------------------
+
+
+def multi_image_prompt_length(processor, problem: str, images) -> int:
+    """Prompt length as GRPOTrainer gets it for a row of several images: TRL puts one placeholder per image before
+    the question and the processor expands each into its tokens."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    messages = prepare_multimodal_messages(make_prompt(problem, SYSTEM_PROMPT), images=list(images))
+    tokenized = processor.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return len(tokenized["input_ids"][0])
+
+
+def own_jsonl(folder, rows):
+    """A jsonl in the user's own column names: `images` lists of relative paths, `question`, `answer`."""
+    (folder / "imgs").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (sizes, question) in enumerate(rows):
+        paths = []
+        for j, size in enumerate(sizes):
+            Image.new("RGB", size, (40 * j, 100, 200)).save(folder / "imgs" / f"{i}-{j}.png")
+            paths.append(f"imgs/{i}-{j}.png")
+        lines.append(json.dumps({"images": paths, "question": question, "answer": SOLUTION}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+OWN = dict(image="images", problem="question", solution="answer")
+
+
+def test_own_column_names_and_image_lists_from_jsonl(tmp_path, processor):
+    from data import Columns
+
+    path = own_jsonl(tmp_path, [([(56, 56)], "One?"), ([(56, 56), (112, 56)], "Two?"), ([(56, 84), (84, 56), (56, 56)], "Three?")])
+    ds = load_raw_dataset(str(path), columns=Columns(**OWN))
+    # one row shape: `images`, `problem`, `solution`; the source's own names stay for rewards that read them
+    assert set(ds.column_names) == {"images", "problem", "solution", "question", "answer"}
+    prepared, stats = prepare_dataset(ds, processor)
+    assert stats.kept == 3
+    sizes = [[im.size for im in row["images"]] for row in prepared]
+    assert sizes == [[(56, 56)], [(56, 56), (112, 56)], [(56, 84), (84, 56), (56, 56)]]  # every image, in order
+    assert prepared["image_sizes"][2] == [[56, 84], [84, 56], [56, 56]]
+    for row in prepared:  # the counted length is the processor's, all images' tokens included
+        assert row["prompt_tokens"] == multi_image_prompt_length(processor, row["problem"], row["images"])
+    from data import max_images_per_row
+
+    assert max_images_per_row(prepared) == 3
+
+
+def test_a_missing_own_column_names_the_columns_the_data_has(tmp_path):
+    from data import Columns
+
+    path = own_jsonl(tmp_path, [([(56, 56)], "One?")])
+    with pytest.raises(DatasetError) as err:
+        load_raw_dataset(str(path), columns=Columns(image="images", problem="prompt", solution="answer"))
+    message = str(err.value)
+    assert "no column 'prompt' (--problem_column)" in message
+    assert "its columns are ['images', 'question', 'answer']" in message
+    assert "\n" not in message
+
+
+def test_image_lists_from_hub_and_plain_parquet(tmp_path, processor):
+    """A hub dataset's Sequence(Image) (saved to disk) and a parquet list of {bytes, path} written without datasets'
+    metadata (pandas, pyarrow) load into the same row shape."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = [[png((56, 56)), png((84, 56))], [png((56, 112))]]
+    hub = datasets.Dataset.from_dict(
+        {"pics": [[{"bytes": b, "path": None} for b in row] for row in cells], "problem": ["a?", "b?"],
+         "solution": [SOLUTION] * 2},
+        features=datasets.Features({"pics": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                    "solution": datasets.Value("string")}),
+    )
+    hub.save_to_disk(str(tmp_path / "hub"))
+    table = pa.table({"pics": [[{"bytes": b, "path": None} for b in row] for row in cells],
+                      "problem": ["a?", "b?"], "solution": [SOLUTION] * 2})
+    pq.write_table(table, tmp_path / "plain.parquet")
+    from data import Columns
+
+    for source in (tmp_path / "hub", tmp_path / "plain.parquet"):
+        ds = load_raw_dataset(str(source), columns=Columns(image="pics"))
+        prepared, stats = prepare_dataset(ds, processor)
+        assert [[im.size for im in row] for row in prepared["images"]] == [[(56, 56), (84, 56)], [(56, 112)]], source
+
+
+def test_one_bad_image_drops_its_row_and_an_empty_list_is_an_error(tmp_path, processor):
+    from data import Columns, canonical_columns
+
+    def rows(lists):
+        return canonical_columns(datasets.Dataset.from_dict(
+            {"images": [[{"bytes": b, "path": None} for b in row] for row in lists], "problem": ["q?"] * len(lists),
+             "solution": [SOLUTION] * len(lists)},
+            features=datasets.Features({"images": datasets.Sequence(datasets.Image()),
+                                        "problem": datasets.Value("string"), "solution": datasets.Value("string")}),
+        ), Columns(image="images"))
+
+    good = png((56, 56))
+    prepared, stats = prepare_dataset(rows([[good, good], [good, b"not an image"], [png((600, 300)), good]]),
+                                      processor, max_image_side=512)
+    assert dict(stats.dropped) == {"undecodable image": 1} and stats.kept == 2
+    assert stats.downscaled == 1 and [im.size for im in prepared[1]["images"]] == [(512, 256), (56, 56)]
+    _, stats = prepare_dataset(rows([[good], [png((600, 300)), good]]), processor, max_image_side=512,
+                               image_policy="drop")
+    assert dict(stats.dropped) == {"image side > max_image_side=512": 1}
+    with pytest.raises(DatasetError, match=r"^1 row\(s\) have an empty image list \(first: row 1\)"):
+        prepare_dataset(rows([[good], []]), processor)
+
+
+def test_a_gold_box_is_scaled_with_its_downscaled_image(processor):
+    """--image_policy downscale halves a 224x224 image to 112: the box of the gold answer must halve with it, or
+    the iou reward would score the right box 0.25."""
+    from data import canonical_columns
+
+    box_solution = "<think>there</think>\n\n<answer>[28, 56, 112, 224]</answer>"
+    ds = canonical_columns(rows_dataset([png((224, 224)), png((112, 112))], solutions=[box_solution, box_solution]))
+    prepared, stats = prepare_dataset(ds, processor, max_image_side=112)
+    assert stats.downscaled == 1
+    assert prepared["solution"] == ["<think>there</think>\n\n<answer>[14, 28, 56, 112]</answer>", box_solution]
+    assert prepared["image_sizes"] == [[[112, 112]], [[112, 112]]]
+
+
+def test_scale_gold_box_touches_only_the_answers_box():
+    from data import scale_gold_box
+
+    text = "<think>[10, 10, 20, 20] seen</think><answer>[10, 20, 30, 40]</answer>"
+    assert scale_gold_box(text, 0.5, 0.25) == "<think>[10, 10, 20, 20] seen</think><answer>[5, 5, 15, 10]</answer>"
+    assert scale_gold_box("<answer>3</answer>", 0.5, 0.5) == "<answer>3</answer>"
+
+
+def test_grounding_rows_hold_the_box_of_the_named_shape():
+    from synthetic_data import make_grounding_dataset
+
+    ds = make_grounding_dataset(8, seed=1)
+    assert make_grounding_dataset(8, seed=1)["solution"] == ds["solution"]  # deterministic
+    for row in ds:
+        x1, y1, x2, y2 = (int(v) for v in re.search(r"<answer>\[(\d+), (\d+), (\d+), (\d+)\]</answer>",
+                                                      row["solution"]).groups())
+        assert 0 <= x1 < x2 <= 112 and 0 <= y1 < y2 <= 112
+        color = re.search(r"Where is the (\w+) ", row["problem"]).group(1)
+        # the named colour fills the box's centre (every shape covers its box's centre) and nothing outside the box
+        assert row["image"].getpixel(((x1 + x2) // 2, (y1 + y2) // 2 + 4)) == COLORS[color]

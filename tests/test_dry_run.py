@@ -127,14 +127,15 @@ def test_missing_columns_fail_with_a_clear_error(run_script, weightless_model, t
     datasets.Dataset.from_dict({"question": ["How many?"], "answer": ["3"]}).to_parquet(str(parquet))
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--dry_run"]
     argv = swap(argv, dataset_name=str(parquet))
-    proc = _fails_fast(run_script, argv, ["missing column(s) ['image', 'problem', 'solution']", "question"],
+    proc = _fails_fast(run_script, argv, ["no column 'image' (--image_column), 'problem' (--problem_column), 'solution' (--solution_column)",
+                        "its columns are ['question', 'answer']"],
                        env={"HF_TOKEN": hf_token})
     assert hf_token not in proc.stdout + proc.stderr
 
 
 def test_unknown_reward_fails_with_the_valid_names(run_script, weightless_model, tmp_path):
     argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--reward_funcs", "format", "acuracy", "--dry_run"]
-    _fails_fast(run_script, argv, ["unknown reward function(s) ['acuracy']", "'accuracy'", "'format'"])
+    _fails_fast(run_script, argv, ["unknown reward function 'acuracy'", "'accuracy'", "'format'"])
 
 
 @pytest.fixture(scope="module")
@@ -298,11 +299,10 @@ def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_
     and each process prints the plan of the 2-process job, with the job's own --output_dir (/output-checkpoint/...,
     which a dry run does not write)."""
     import os
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
 
+    import _proc
     from _tiny import REPO
 
     venv = Path(sys.executable).parent.parent  # the venv running the tests: the one `make` must use
@@ -311,14 +311,9 @@ def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_
                HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
     cmd = ["make", "--no-print-directory", "-o", f"{venv}/.installed", f"VENV={venv}", "dry-run",
            f"MODEL={weightless_model}", "ARGS=--dataset_name synthetic --synthetic_rows 16"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=900)  # about 80 s alone on 2 cores; far more when they are shared
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+    # about 80 s alone on 2 cores; far more when they are shared
+    proc = _proc.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     plans = [plan_of(part) for part in stdout.split("dry run plan: ")[1:] for part in ["dry run plan: " + part]]
     assert len(plans) == 2  # one per process of the job
@@ -329,3 +324,12 @@ def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_
         assert plan["generation"] == "vLLM colocate"
         assert plan["output_dir"] == "/output-checkpoint/grpo-tiny"
     assert not Path("/output-checkpoint/grpo-tiny").exists()  # a dry run writes nothing
+
+
+def test_a_reward_file_returning_the_wrong_number_of_scores_fails_the_dry_run(run_script, weightless_model, tmp_path):
+    """The reward is imported and called once on a dummy completion of the first row (issue 19), in one line."""
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def pairs(completions, **kwargs):\n    return [0.0, 1.0]\n")
+    argv = [*offline_seed_argv(weightless_model, tmp_path / "run"), "--reward_funcs", "format", f"{reward}:pairs",
+            "--dry_run"]
+    _fails_fast(run_script, argv, [f"error: --reward_funcs {reward}:pairs: returned 2 scores for 1 completion"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,7 +349,7 @@ def test_dataset_push_checks_the_folder_with_the_scripts_loader_then_pushes(tmp_
 
 
 @pytest.mark.parametrize("setup, fragments", [
-    (lambda p: make_dataset_dir(p / "d", drop=("solution",)), ("missing column(s) ['solution']",)),
+    (lambda p: make_dataset_dir(p / "d", drop=("solution",)), ("no column 'solution' (--solution_column)",)),
     (lambda p: p / "absent", ("no such file or folder",)),
     (lambda p: (p / "empty").mkdir() or p / "empty", ("no dataset found",)),
 ])
@@ -356,6 +357,18 @@ def test_dataset_push_refuses_what_training_would_refuse(tmp_path, setup, fragme
     folder = setup(tmp_path)
     run = run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=x")
     assert_one_line_error(run, f"DIR={folder} cannot be pushed", *fragments)
+
+
+def test_dataset_push_checks_the_column_flags_of_args(tmp_path):
+    """The check reads --problem_column (and the other two) from ARGS, as training will: a folder whose question
+    column is `problem` is refused for ARGS naming `question`, with the columns it has."""
+    folder = make_dataset_dir(tmp_path / "d")
+    run = run_make(tmp_path, "flexai-dataset-push", f"DIR={folder}", "DATASET=x", "ARGS=--problem_column question")
+    assert_one_line_error(run, f"DIR={folder} cannot be pushed", "no column 'question' (--problem_column)",
+                          "its columns are ['image', 'problem', 'solution', 'original_question', 'original_answer']")
+    argv = only_flexai_call(run_make(tmp_path / "ok", "flexai-dataset-push", f"DIR={folder}", "DATASET=x",
+                                     "ARGS=--problem_column original_question --solution_column=solution"))
+    assert argv == ["dataset", "push", "x", "--file", str(folder)]
 
 
 @pytest.mark.parametrize("knobs, fragment", [(("DIR=x",), "DATASET is not set"), (("DATASET=x",), "DIR is not set")])
@@ -554,7 +567,7 @@ def test_dry_run_is_the_jobs_entry_with_dry_run_here(tmp_path):
 def git(repo: Path, *args: str) -> str:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    return _proc.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
 @pytest.fixture
@@ -577,8 +590,8 @@ def clone(tmp_path) -> Path:
 def train_in(repo: Path, tmp: Path, *knobs: str) -> subprocess.CompletedProcess:
     bin_dir = make_stub_dir(tmp)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "STUB_CALLS": str(tmp / "calls")}
-    return subprocess.run(["make", "--no-print-directory", "flexai-train", *knobs], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return _proc.run(["make", "--no-print-directory", "flexai-train", *knobs], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=120)
 
 
 FORK = "REPO_URL=https://github.com/me/fork"

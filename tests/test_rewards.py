@@ -83,7 +83,7 @@ def test_accuracy_wrong(completion, answer):
 
 
 def test_accuracy_reads_gold_inside_answer_tags_not_think():
-    # KNOWN_ISSUES U2: math-verify alone reads nothing useful from `<think>…</think>\n\n<answer>…</answer>`;
+    # fix ledger U2: math-verify alone reads nothing useful from `<think>…</think>\n\n<answer>…</answer>`;
     # numbers in the gold's reasoning must not be taken for the answer.
     solution = gold("5", think="There are 2 rows of 3 shapes minus 1, i.e. 6 - 1.")
     assert accuracy_reward([chat("<think>x</think><answer>5</answer>")], [solution]) == [1.0]
@@ -350,3 +350,137 @@ def test_registry_error_lists_valid_names():
     assert "acuracy" in message
     for name in REWARD_FUNCS:
         assert name in message
+
+
+# ---- iou (the grounding task) ----------------------------------------------------------------------------------
+
+
+def box_answer(box: str) -> list[dict]:
+    return [{"role": "assistant", "content": f"<think>there</think><answer>{box}</answer>"}]
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("[10, 20, 50, 60]", 1.0),  # the gold box
+        ("[10, 20, 30, 60]", 0.5),  # half of it
+        ("[30, 20, 70, 60]", 1 / 3),  # shifted by half its width: 800 / 2400
+        ("[60, 70, 90, 99]", 0.0),  # beside it
+        ("the box is [0, 0, 5, 5] or rather [10, 20, 50, 60]", 1.0),  # the last box in the answer counts
+        ("[10.0, 20.0, 50.0, 60.0]", 1.0),
+        ("[ 10 ,20,50 , 60 ]", 1.0),
+        ("[10, 20, 50]", 0.0),  # three numbers: malformed
+        ("[10, 20, 50, 60", 0.0),  # unclosed
+        ("(10, 20, 50, 60)", 0.0),  # not the bracket form
+        ("[50, 20, 10, 60]", 0.0),  # x2 < x1: degenerate
+        ("[10, 20, 10, 60]", 0.0),  # zero width
+        ("", 0.0),
+    ],
+)
+def test_iou_reward_on_literal_boxes(answer, expected):
+    assert rewards.iou_reward([box_answer(answer)], solution=[gold("[10, 20, 50, 60]")]) == [pytest.approx(expected)]
+
+
+def test_iou_reward_needs_an_answer_tag_and_a_gold_box():
+    assert rewards.iou_reward(["[10, 20, 50, 60]"], solution=[gold("[10, 20, 50, 60]")]) == [0.0]  # no <answer>
+    assert rewards.iou_reward([box_answer("[10, 20, 50, 60]")], solution=[gold("3")]) == [0.0]  # no gold box
+    assert rewards.iou_reward([box_answer("[10, 20, 50, 60]")], solution=[gold("[5, 5, 5, 9]")]) == [0.0]
+
+
+def test_iou_reward_reads_the_box_in_the_frame_qwen_sees():
+    """The stored image is 100x60; Qwen2.5-VL sees it resized to 112x56 (multiples of 28) and answers in that
+    frame: [0, 0, 112, 56] is the whole image, the gold [0, 0, 100, 60]."""
+    kwargs = dict(solution=[gold("[0, 0, 100, 60]")], image_sizes=[[[100, 60]]], model_image_sizes=[[[112, 56]]])
+    assert rewards.iou_reward([box_answer("[0, 0, 112, 56]")], **kwargs) == [pytest.approx(1.0)]
+    # the same answer read in the stored frame (no conversion) overlaps 100x56 of a 112x60 union
+    assert rewards.iou_reward([box_answer("[0, 0, 112, 56]")], solution=kwargs["solution"]) == [
+        pytest.approx(100 * 56 / (112 * 56 + 100 * 60 - 100 * 56))]
+
+
+# ---- your own reward, from a file or a module --------------------------------------------------------------------
+
+MY_REWARD = '''
+def short_answer(completions, answer, **kwargs):
+    return [1.0 if len(c[-1]["content"]) < 40 else 0.0 for c in completions]
+
+def no_kwargs(completions):
+    return [0.0 for _ in completions]
+
+def two_scores(completions, **kwargs):
+    return [0.0, 1.0]
+
+def needs_a_column(completions, bounding_box, **kwargs):
+    return [0.0 for _ in completions]
+
+def raises(completions, **kwargs):
+    raise KeyError("gold")
+'''
+ROW = {"prompt": [{"role": "user", "content": "q"}], "problem": "q", "solution": gold("3"), "answer": gold("3")}
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "elsewhere" / "my_reward.py"
+    path.parent.mkdir()
+    path.write_text(MY_REWARD)
+    return path
+
+
+def test_rewards_from_a_file_and_a_module_mix_with_the_names(reward_file, tmp_path, monkeypatch):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "scores.py").write_text("def always_one(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)  # a package of the repository the job cloned, run from its root
+    specs = ["format", f"{reward_file}:short_answer", "pkg.scores:always_one"]
+    funcs = get_reward_funcs(specs)
+    assert funcs[0] is format_reward
+    assert [f.__name__ for f in funcs] == ["format_reward", "short_answer", "always_one"]  # TRL logs these names
+    rewards.check_reward_funcs(specs, funcs, ROW)
+    assert funcs[1]([box_answer("1")], answer=["x"]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("{file}:shortanswer", "has no function 'shortanswer' (its functions: ['needs_a_column', 'no_kwargs', "
+                               "'raises', 'short_answer', 'two_scores'])"),
+        ("{dir}/missing.py:f", "no file"),
+        ("{file}:no_kwargs", "does not have TRL's reward signature"),
+        ("no_such_package_xyz.mod:f", "importing module no_such_package_xyz.mod failed: ModuleNotFoundError"),
+        ("acuracy", "unknown reward function 'acuracy'"),
+    ],
+)
+def test_a_reward_that_cannot_load_is_one_line_naming_it(reward_file, spec, expected):
+    spec = spec.format(file=reward_file, dir=reward_file.parent)
+    with pytest.raises(rewards.RewardError) as err:
+        get_reward_funcs(["format", spec])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"--reward_funcs {spec}:") or spec == "acuracy"
+
+
+def test_a_reward_file_that_fails_to_import_is_one_line(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import numpy\nraise RuntimeError('no GPU here')\n")
+    with pytest.raises(rewards.RewardError, match=r"importing .*broken.py failed: RuntimeError: no GPU here$"):
+        get_reward_funcs([f"{bad}:f"])
+
+
+@pytest.mark.parametrize(
+    "function, expected",
+    [
+        ("two_scores", "returned 2 scores for 1 completion"),
+        ("needs_a_column", "raised TypeError"),
+        ("raises", "raised KeyError: 'gold'"),
+    ],
+)
+def test_the_dummy_call_catches_a_reward_that_would_fail_in_training(reward_file, function, expected):
+    spec = f"{reward_file}:{function}"
+    with pytest.raises(rewards.RewardError) as err:
+        rewards.check_reward_funcs([spec], get_reward_funcs([spec]), ROW)
+    assert str(err.value).startswith(f"--reward_funcs {spec}: ") and expected in str(err.value)
+    if function == "needs_a_column":
+        assert "the dataset's columns: ['answer', 'problem', 'solution']" in str(err.value)
+
+
+def test_every_builtin_reward_passes_the_dummy_call():
+    rewards.check_reward_funcs(list(REWARD_FUNCS), list(REWARD_FUNCS.values()), ROW)

@@ -56,6 +56,24 @@ def test_vllm_expands_the_handed_off_prompt_to_exactly_the_training_ids(tiny_mod
     assert all(len(e) > len(t) for e, t in zip(engine_prompt_ids(tiny_model, unfixed), train_ids))
 
 
+def test_a_prompt_of_several_images_expands_image_by_image_to_the_training_ids(tiny_model, processor):
+    """Several images a prompt (issue 19): each image's run of placeholders is collapsed on its own, and vLLM expands
+    each back to that image's tokens, in order."""
+    pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    conversation = [{"role": "user", "content": [*({"type": "image", "image": im} for im in IMAGES),
+                                                 {"type": "text", "text": "Which is largest?"}]}]
+    out = processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True, return_dict=True)
+    train_ids = list(out["input_ids"][0])
+    assert train_ids.count(pad) == 4 + 8 + 40
+    sent = collapse_image_pads(train_ids, pad)
+    assert sent.count(pad) == 3
+    assert engine_prompt_ids(tiny_model, [{"prompt_token_ids": sent, "multi_modal_data": {"image": IMAGES}}]) == [train_ids]
+    # the control: the images' placeholders handed over in another order than their images (what a collapse that
+    # lost track of which run is which image would send) expand to other ids
+    swapped = [{"prompt_token_ids": sent, "multi_modal_data": {"image": IMAGES[::-1]}}]
+    assert engine_prompt_ids(tiny_model, swapped) != [train_ids]
+
+
 def test_collapse_keeps_text_and_separate_images():
     assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3, 9], pad_id=9) == [1, 9, 2, 9, 3, 9]
     assert collapse_image_pads([1, 2, 3], pad_id=9) == [1, 2, 3]

@@ -3,8 +3,15 @@ small enough (downscaled to `max_image_side`, or dropped with `image_policy="dro
 its image tokens, and has a gold answer. `survey_dataset` is the dry run's cheap look at a whole dataset.
 
 Sources (`--dataset_name`): a hub id (default `lmms-lab/multimodal-open-r1-8k-verified`), a local parquet file or
-folder of them, a `Dataset.save_to_disk` folder, a jsonl file whose `image` column holds paths (relative to the
-file), or `synthetic` (synthetic_data.py). Each row needs `image`, `problem` and `solution`.
+folder of them, a `Dataset.save_to_disk` folder, a jsonl file whose image column holds paths (relative to the
+file), or `synthetic` / `grounding` (synthetic_data.py). Each row needs an image column, a question and a gold answer:
+`image`, `problem` and `solution` unless `Columns` (--image_column, --problem_column, --solution_column) names others.
+
+One row shape after loading, whatever the source (`load_raw_dataset`): the question in `problem`, the gold in
+`solution` (copies when the source names them otherwise: the source's own columns stay, so a reward can read them by
+their names too), and the images either in `image` (one image a row) or, when the image column holds lists (hub
+`Sequence(Image)`, parquet list of `{bytes, path}`, jsonl list of paths), in `images` (a list a row). TRL's
+GRPOTrainer reads both columns (`images` first) and puts one image placeholder per image, in order, before the question.
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ import io
 import json
 import logging
 import math
+import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rewards import SYSTEM_PROMPT
+from rewards import BOX_RE, SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+IMAGE, IMAGES = "image", "images"  # the canonical image column: one image a row, or a list a row
 SYNTHETIC = "synthetic"
+GROUNDING = "grounding"
 IMAGE_POLICIES = ("downscale", "drop")
 # Qwen2.5-VL's resize (transformers' qwen2_vl smart_resize) refuses images more elongated than this: the processor
 # would raise in the middle of training, so such rows are dropped up front.
@@ -31,6 +42,21 @@ MAX_ASPECT_RATIO = 200
 
 class DatasetError(ValueError):
     """Bad dataset input: the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the source keeps each part of a row (--image_column, --problem_column, --solution_column)."""
+
+    image: str = "image"
+    problem: str = "problem"
+    solution: str = "solution"
+
+
+def data_columns(args) -> Columns:
+    """--image_column, --problem_column, --solution_column of parsed arguments (defaults for a namespace without
+    them)."""
+    return Columns(*(getattr(args, f"{part}_column", part) for part in ("image", "problem", "solution")))
 
 
 @dataclass
@@ -56,14 +82,21 @@ class FilterStats:
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
-def load_raw_dataset(name: str, config: str | None = None, split: str = "train", synthetic_rows: int = 512, seed: int = 0):
-    """The raw rows of `name` (see module docstring), one split, before any filtering."""
+def load_raw_dataset(name: str, config: str | None = None, split: str = "train", synthetic_rows: int = 512, seed: int = 0,
+                     columns: Columns = Columns()):
+    """The rows of `name` (see module docstring), one split, before any filtering, in the one row shape: a missing
+    column is a DatasetError naming the columns the data has."""
+    return canonical_columns(_load_source(name, config, split, synthetic_rows, seed, columns.image), columns)
+
+
+def _load_source(name, config, split, synthetic_rows, seed, image_column):
     import datasets
 
-    if name == SYNTHETIC:
-        from synthetic_data import make_synthetic_dataset
+    if name in (SYNTHETIC, GROUNDING):
+        from synthetic_data import make_grounding_dataset, make_synthetic_dataset
 
-        return make_synthetic_dataset(synthetic_rows, seed=seed)
+        make = make_synthetic_dataset if name == SYNTHETIC else make_grounding_dataset
+        return make(synthetic_rows, seed=seed)
 
     path = Path(name).expanduser()
     if path.exists():
@@ -81,7 +114,7 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
             if parquet:
                 return datasets.load_dataset("parquet", data_files=parquet, split="train")
             if jsonl:
-                return _load_jsonl(jsonl)
+                return _load_jsonl(jsonl, image_column)
         except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:  # empty, corrupt
             # datasets' own message names no file; its cause says what went wrong
             raise DatasetError(
@@ -97,7 +130,8 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
         raise DatasetError(f"--dataset_name {name!r}: no such file or folder ({path.absolute()})")
     if "/" not in name:
         raise DatasetError(
-            f"--dataset_name {name!r} is neither a local path nor a hub id (owner/name), nor '{SYNTHETIC}'."
+            f"--dataset_name {name!r} is neither a local path nor a hub id (owner/name), nor '{SYNTHETIC}' or "
+            f"'{GROUNDING}'."
         )
     try:
         return datasets.load_dataset(name, config, split=split)
@@ -108,32 +142,95 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train",
         ) from err
 
 
-def _load_jsonl(files: list[Path]):
-    """jsonl rows whose `image` is a path, relative paths resolved against the file's folder."""
+def _load_jsonl(files: list[Path], image_column: str = IMAGE):
+    """jsonl rows whose image column holds a path or a list of paths, relative paths resolved against the file's
+    folder."""
     import datasets
 
     ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-    if "image" in ds.column_names and ds.features["image"] == datasets.Value("string"):
-        base = files[0].parent
+    feature = ds.features.get(image_column)
+    base = files[0].parent
 
-        def _resolve(row):
-            p = Path(row["image"]) if row["image"] else None
-            return {"image": {"bytes": None, "path": str(p if p is None or p.is_absolute() else base / p)}}
+    def cell(p):
+        p = Path(p) if p else None
+        return {"bytes": None, "path": str(p if p is None or p.is_absolute() else base / p)}
 
-        ds = ds.map(_resolve, features=_with_raw_image(ds.features))
+    if feature == datasets.Value("string"):
+        features = ds.features.copy()
+        features[image_column] = datasets.Image(decode=False)
+        ds = ds.map(lambda v: {image_column: cell(v)}, input_columns=image_column, features=features)
+    elif _is_list(feature) and _inner(feature) == datasets.Value("string"):
+        features = ds.features.copy()
+        features[image_column] = datasets.List(datasets.Image(decode=False))
+        ds = ds.map(lambda v: {image_column: [cell(p) for p in v or []]}, input_columns=image_column,
+                    features=features)
     return ds
 
 
-def _with_raw_image(features):
+def _is_list(feature) -> bool:
     import datasets
 
-    features = features.copy()
-    features["image"] = datasets.Image(decode=False)
-    return features
+    return isinstance(feature, (list, datasets.List, datasets.LargeList))
+
+
+def _inner(feature):
+    return feature[0] if isinstance(feature, list) else feature.feature
+
+
+def canonical_columns(ds, columns: Columns = Columns()):
+    """`ds` in the one row shape (module docstring): the question in `problem`, the gold in `solution`, the images
+    in `image` or, for lists, `images`. Raises DatasetError naming the columns `ds` has when one is missing."""
+    import datasets
+
+    wanted = {"--image_column": columns.image, "--problem_column": columns.problem,
+              "--solution_column": columns.solution}
+    missing = [f"{name!r} ({flag})" for flag, name in wanted.items() if name not in ds.column_names]
+    if missing:
+        raise DatasetError(
+            f"the dataset has no column {', '.join(missing)}; its columns are {ds.column_names}. Name yours with "
+            "--image_column, --problem_column and --solution_column (the image column holds an image, a path in "
+            "jsonl, or a list of them; the solution holds the gold answer, ideally "
+            "`<think>...</think><answer>...</answer>`)."
+        )
+    multi = _is_list(ds.features[columns.image])
+    image_name = IMAGES if multi else IMAGE
+    # the other image name would be read by TRL (it prefers `images`): only the chosen column stays
+    drop = [c for c in (IMAGE, IMAGES) if c in ds.column_names and c != columns.image]
+    for canonical, source in (("problem", columns.problem), ("solution", columns.solution)):
+        if source != canonical and canonical in ds.column_names:
+            drop.append(canonical)  # replaced by the column the flag names
+    if drop:
+        ds = ds.remove_columns(drop)
+    if columns.image != image_name:
+        ds = ds.rename_column(columns.image, image_name)
+    for canonical, source in (("problem", columns.problem), ("solution", columns.solution)):
+        if source != canonical:
+            ds = ds.add_column(canonical, ds[source], feature=ds.features[source])
+    if multi and isinstance(_inner(ds.features[IMAGES]), datasets.Image):
+        ds = ds.cast_column(IMAGES, datasets.List(datasets.Image(decode=False)))  # decode ourselves (prepare_dataset)
+    return ds
+
+
+def image_column(ds) -> str:
+    """`images` when rows hold lists of images, else `image` (the one row shape)."""
+    return IMAGES if IMAGES in ds.column_names else IMAGE
+
+
+def max_images_per_row(ds) -> int:
+    """The largest image count of a row (1 for one image a row), read from Arrow's list lengths: no image decoded."""
+    if IMAGES not in ds.column_names:
+        return 1
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.data.column(IMAGES))
+    return int(pc.max(lengths).as_py() or 0)
 
 
 def check_columns(ds) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    """`ds` (after `canonical_columns`) has an image column, `problem` and `solution`."""
+    missing = [c for c in ("problem", "solution") if c not in ds.column_names]
+    if IMAGE not in ds.column_names and IMAGES not in ds.column_names:
+        missing.insert(0, IMAGE)
     if missing:
         raise DatasetError(
             f"dataset is missing column(s) {missing}; it has {ds.column_names}. Each row needs `image` (an image, "
@@ -150,29 +247,62 @@ def make_prompt(problem: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem}]
 
 
-def image_token_count(width: int, height: int, image_processor) -> int:
-    """Tokens Qwen2.5-VL spends on one image: one per merged patch after the processor's resize."""
+def model_image_size(width: int, height: int, image_processor) -> tuple[int, int]:
+    """(width, height) of the image the model sees: the processor's resize (transformers' qwen2_vl smart_resize) to
+    multiples of 28 within min/max_pixels. Qwen2.5-VL states boxes in pixels of this image."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     patch, merge = image_processor.patch_size, image_processor.merge_size
     min_pixels = image_processor.min_pixels if image_processor.min_pixels is not None else image_processor.size["shortest_edge"]
     max_pixels = image_processor.max_pixels if image_processor.max_pixels is not None else image_processor.size["longest_edge"]
     h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return w, h
+
+
+def image_token_count(width: int, height: int, image_processor) -> int:
+    """Tokens Qwen2.5-VL spends on one image: one per merged patch after the processor's resize."""
+    w, h = model_image_size(width, height, image_processor)
+    patch, merge = image_processor.patch_size, image_processor.merge_size
     return (h // patch) * (w // patch) // (merge * merge)
 
 
-def text_token_count(problem: str, processor, system_prompt: str = SYSTEM_PROMPT) -> int:
-    """Tokens of the prompt around its image: chat template and text, without the image's placeholder token."""
+def text_token_count(problem: str, processor, system_prompt: str = SYSTEM_PROMPT, num_images: int = 1) -> int:
+    """Tokens of the prompt around its images: chat template and text, without the images' placeholder tokens. The
+    images come before the question, one placeholder each, as TRL's prepare_multimodal_messages puts them."""
     messages = make_prompt(problem, system_prompt)
-    messages[1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]}
+    messages[1] = {"role": "user", "content": [*[{"type": "image"}] * num_images, {"type": "text", "text": problem}]}
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - num_images
 
 
 def prompt_token_count(problem: str, width: int, height: int, processor, system_prompt: str = SYSTEM_PROMPT) -> int:
     """Tokenized length of the full prompt (chat template, image tokens included), without running the image
     processor: the template's single `<|image_pad|>` placeholder is replaced by `image_token_count` tokens."""
-    return text_token_count(problem, processor, system_prompt) + image_token_count(width, height, processor.image_processor)
+    return multi_image_prompt_token_count(problem, [(width, height)], processor, system_prompt)
+
+
+def multi_image_prompt_token_count(problem: str, sizes: list[tuple[int, int]], processor,
+                                   system_prompt: str = SYSTEM_PROMPT) -> int:
+    """`prompt_token_count` for a prompt with one image of each (width, height) in `sizes`."""
+    image_tokens = sum(image_token_count(w, h, processor.image_processor) for w, h in sizes)
+    return text_token_count(problem, processor, system_prompt, len(sizes)) + image_tokens
+
+
+_ANSWER_BLOCK_RE = re.compile(r"(<answer>)(.*?)(</answer>)", re.DOTALL)
+
+
+def scale_gold_box(solution: str, sx: float, sy: float) -> str:
+    """`solution` with the box of its `<answer>` (`[x1, y1, x2, y2]`, pixels of the image) scaled by (sx, sy):
+    a gold box stays on the object when its image is downscaled. A solution without a box is returned unchanged."""
+
+    def scale(match):
+        x1, y1, x2, y2 = (float(v) for v in match.groups())
+        return f"[{round(x1 * sx)}, {round(y1 * sy)}, {round(x2 * sx)}, {round(y2 * sy)}]"
+
+    def in_answer(block):
+        return block.group(1) + BOX_RE.sub(scale, block.group(2)) + block.group(3)
+
+    return _ANSWER_BLOCK_RE.sub(in_answer, solution)
 
 
 def downscaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -253,58 +383,92 @@ def prepare_dataset(
     num_proc: int | None = None,
     image_policy: str = "downscale",
 ):
-    """Filter and convert rows; returns (dataset with `prompt`, `image`, `solution`, ..., FilterStats).
+    """Filter and convert rows; returns (dataset with `prompt`, `image` or `images`, `solution`, ..., FilterStats).
 
-    An image with a side over `max_image_side` is downscaled to fit, aspect ratio kept (`image_policy="downscale"`),
-    or its row dropped (`"drop"`): Qwen2.5-VL spends one token per 28x28 pixels, so big images blow memory and
-    vLLM's batch budget (trl#3788). The stored image is the downscaled one, so the trainer's processor and vLLM see
-    the same pixels and count the same tokens. Dropped, with counts: empty problem/solution, missing or undecodable
-    image, prompts (counted at the stored image's size) over `max_prompt_length` tokens, and with `"drop"` images
-    over `max_image_side`. Kept images are RGB. The caller logs `stats.summary()`.
+    `ds` is in the one row shape (`load_raw_dataset`; `canonical_columns` for a dataset built elsewhere). Every image
+    of a row goes through the same rules: an image with a side over `max_image_side` is downscaled to fit, aspect
+    ratio kept (`image_policy="downscale"`), or its row dropped (`"drop"`): Qwen2.5-VL spends one token per 28x28
+    pixels, so big images blow memory and vLLM's batch budget (trl#3788). The stored image is the downscaled one, so
+    the trainer's processor and vLLM see the same pixels and count the same tokens; a gold box in the `<answer>` of
+    a one-image row (`[x1, y1, x2, y2]`, the grounding form) is scaled with its image. Each row gets `image_sizes`
+    and `model_image_sizes`, [width, height] per image as stored and as the model sees it (the processor's resize),
+    so a reward can move a box between the two frames (rewards.iou_reward). Dropped, with counts: empty
+    problem/solution, a missing or undecodable image (one is enough to drop the row), prompts (counted at the
+    stored images' sizes, all of a row's image tokens included) over `max_prompt_length` tokens, and with `"drop"`
+    images over `max_image_side`. A row whose image list is empty is an error. Kept images are RGB. The caller logs
+    `stats.summary()`.
     """
     import datasets
 
     check_image_policy(image_policy)
     check_columns(ds)
     stats = FilterStats(total=len(ds), max_image_side=max_image_side)
-    if isinstance(ds.features["image"], datasets.Image):
-        ds = ds.cast_column("image", datasets.Image(decode=False))  # decode ourselves, so bad bytes can't crash
+    column = image_column(ds)
+    multi = column == IMAGES
+    cell_feature = datasets.Image(decode=False)
+    if not multi and isinstance(ds.features[IMAGE], datasets.Image):
+        ds = ds.cast_column(IMAGE, cell_feature)  # decode ourselves, so bad bytes can't crash
+    if multi and isinstance(_inner(ds.features[IMAGES]), datasets.Image):
+        ds = ds.cast_column(IMAGES, datasets.List(cell_feature))
     downscale = image_policy == "downscale"
 
+    def _one_image(raw):
+        """(cell to store, size, source size) or the reason the row is dropped."""
+        image = _open_image(raw)
+        if image is None:
+            return "missing image"
+        source_format, source_size = image.format, image.size
+        if max(source_size) / max(1, min(source_size)) > MAX_ASPECT_RATIO:
+            return f"image aspect ratio > {MAX_ASPECT_RATIO}"
+        if max_image_side and max(source_size) > max_image_side and not downscale:
+            return f"image side > max_image_side={max_image_side}"  # known from the header
+        image = _decode(image, max_image_side if downscale else None)
+        if image.size != source_size or image.mode != "RGB" or not isinstance(raw, dict):
+            raw = _encode(image.convert("RGB"), source_format)
+        return raw, image.size, source_size
+
     def _inspect(row):
-        skip = {"image": None, "prompt_tokens": 0, "_downscaled": False}
+        skip = {column: [] if multi else None, "prompt_tokens": 0, "_downscaled": False, "solution": row["solution"],
+                "image_sizes": [], "model_image_sizes": []}
         problem, solution = row["problem"], row["solution"]
         if not (isinstance(problem, str) and problem.strip() and isinstance(solution, str) and solution.strip()):
             return {**skip, "_drop": "empty problem or solution"}
-        try:
-            image = _open_image(row["image"])
-            if image is None:
-                return {**skip, "_drop": "missing image"}
-            source_format, source_size = image.format, image.size
-            if max(source_size) / max(1, min(source_size)) > MAX_ASPECT_RATIO:
-                return {**skip, "_drop": f"image aspect ratio > {MAX_ASPECT_RATIO}"}
-            if max_image_side and max(source_size) > max_image_side and not downscale:
-                return {**skip, "_drop": f"image side > max_image_side={max_image_side}"}  # known from the header
-            image = _decode(image, max_image_side if downscale else None)
-        except _image_errors() as err:
-            logger.debug("undecodable image: %s", err)
-            return {**skip, "_drop": "undecodable image"}
-        width, height = image.size
-        n_tokens = prompt_token_count(problem, width, height, processor, system_prompt)
+        raws = row[column] if multi else [row[column]]
+        if not raws:
+            return {**skip, "_drop": EMPTY_IMAGE_LIST}
+        cells, sizes, downscaled = [], [], False
+        for raw in raws:
+            try:
+                out = _one_image(raw)
+            except _image_errors() as err:
+                logger.debug("undecodable image: %s", err)
+                out = "undecodable image"
+            if isinstance(out, str):
+                return {**skip, "_drop": out}
+            cell, size, source_size = out
+            cells.append(cell)
+            sizes.append(size)
+            downscaled |= size != source_size
+        if downscaled and not multi:
+            solution = scale_gold_box(solution, sizes[0][0] / source_size[0], sizes[0][1] / source_size[1])
+        n_tokens = multi_image_prompt_token_count(problem, sizes, processor, system_prompt)
         if max_prompt_length and n_tokens > max_prompt_length:
             return {**skip, "_drop": f"prompt > max_prompt_length={max_prompt_length} tokens", "prompt_tokens": n_tokens}
-        raw, downscaled = row["image"], image.size != source_size
-        if downscaled or image.mode != "RGB" or not isinstance(raw, dict):
-            raw = _encode(image.convert("RGB"), source_format)
-        return {"_drop": "", "image": raw, "prompt_tokens": n_tokens, "_downscaled": downscaled}
+        return {"_drop": "", column: cells if multi else cells[0], "prompt_tokens": n_tokens,
+                "_downscaled": downscaled, "solution": solution, "image_sizes": [list(size) for size in sizes],
+                "model_image_sizes": [list(model_image_size(*size, processor.image_processor)) for size in sizes]}
 
     features = ds.features.copy()
-    features["image"] = datasets.Image(decode=False)
+    features[column] = datasets.List(cell_feature) if multi else cell_feature
     features["_drop"] = datasets.Value("string")
     features["prompt_tokens"] = datasets.Value("int32")
     features["_downscaled"] = datasets.Value("bool")
+    # per image, (width, height) stored and as the model sees it: the frames a box reward converts between
+    features["image_sizes"] = features["model_image_sizes"] = datasets.List(datasets.List(datasets.Value("int32")))
     ds = ds.map(_inspect, features=features, num_proc=num_proc, desc="checking rows")
-    stats.dropped.update(d for d in ds["_drop"] if d)
+    drops = ds["_drop"]
+    check_image_lists(drops)
+    stats.dropped.update(d for d in drops if d)
     ds = ds.filter(lambda drop: not drop, input_columns="_drop").remove_columns("_drop")
     stats.downscaled = sum(ds["_downscaled"])
     ds = ds.remove_columns("_downscaled")
@@ -313,9 +477,22 @@ def prepare_dataset(
             f"no rows left after filtering: {stats.summary()}. Raise --max_prompt_length or --max_image_side "
             "(or keep --image_policy downscale), or check the image column."
         )
-    ds = ds.cast_column("image", datasets.Image(decode=True))
+    ds = ds.cast_column(column, datasets.List(datasets.Image(decode=True)) if multi else datasets.Image(decode=True))
     ds = ds.map(lambda problem: {"prompt": make_prompt(problem, system_prompt)}, input_columns="problem")
     return ds, stats
+
+
+EMPTY_IMAGE_LIST = "empty image list"
+
+
+def check_image_lists(reasons: list[str]) -> None:
+    """An empty image list is a data bug, not a row to lose quietly: one line naming the first such row."""
+    empty = [i for i, reason in enumerate(reasons) if reason == EMPTY_IMAGE_LIST]
+    if empty:
+        raise DatasetError(
+            f"{len(empty)} row(s) have an empty image list (first: row {empty[0]}): give every row at least one "
+            "image, or remove those rows."
+        )
 
 
 def percentiles(values: list[int], points=(0, 10, 50, 90, 99, 100)) -> dict | None:
@@ -337,48 +514,71 @@ def survey_dataset(
     """What `prepare_dataset` would make of every row of `ds`, under each image policy, from image headers only.
 
     Reads each image's size from its header (Pillow opens lazily; no pixels are decoded), so a whole dataset takes
-    seconds. Sizes are those `prepare_dataset` stores (`downscaled_size`), token counts those the processor produces.
-    An image whose header is fine but whose body is truncated counts as kept here; `prepare_dataset` drops it.
+    seconds. Sizes are those `prepare_dataset` stores (`downscaled_size`), token counts those the processor produces
+    (all of a row's images). An image whose header is fine but whose body is truncated counts as kept here;
+    `prepare_dataset` drops it.
     """
     import datasets
 
     check_columns(ds)
-    if isinstance(ds.features["image"], datasets.Image):
-        ds = ds.cast_column("image", datasets.Image(decode=False))
-    ds = ds.select_columns(list(REQUIRED_COLUMNS))
+    column = image_column(ds)
+    multi = column == IMAGES
+    if not multi and isinstance(ds.features[IMAGE], datasets.Image):
+        ds = ds.cast_column(IMAGE, datasets.Image(decode=False))
+    if multi and isinstance(_inner(ds.features[IMAGES]), datasets.Image):
+        ds = ds.cast_column(IMAGES, datasets.List(datasets.Image(decode=False)))
+    ds = ds.select_columns([column, "problem", "solution"])
     image_processor = processor.image_processor
     unusable: Counter = Counter()
-    widths, heights, longer = [], [], []
-    tokens = {"original": [], "downscale": []}  # image tokens, every readable row
+    widths, heights, longer, counts = [], [], [], []
+    tokens = {"original": [], "downscale": []}  # image tokens of a row, every readable row
     prompt = {"downscale": [], "drop": []}  # prompt tokens of the rows each policy keeps before the length filter
-    for batch in ds.iter(batch_size=256):
-        for raw, problem, solution in zip(batch["image"], batch["problem"], batch["solution"], strict=True):
+    longest = {"downscale": None, "drop": None}  # (tokens, images, image tokens, row) of each policy's longest
+    empty_lists = []
+    for batch_start, batch in _batches(ds):
+        for i, (cell, problem, solution) in enumerate(zip(batch[column], batch["problem"], batch["solution"], strict=True)):
             if not (isinstance(problem, str) and problem.strip() and isinstance(solution, str) and solution.strip()):
                 unusable["empty problem or solution"] += 1
                 continue
-            try:
-                image = _open_image(raw)
-            except _image_errors():
-                unusable["undecodable image"] += 1
+            raws = cell if multi else [cell]
+            if not raws:
+                empty_lists.append(EMPTY_IMAGE_LIST)
                 continue
-            if image is None:
-                unusable["missing image"] += 1
+            sizes, reason = [], None
+            for raw in raws:
+                try:
+                    image = _open_image(raw)
+                except _image_errors():
+                    reason = "undecodable image"
+                    break
+                if image is None:
+                    reason = "missing image"
+                    break
+                w, h = image.size
+                if max(w, h) / max(1, min(w, h)) > MAX_ASPECT_RATIO:
+                    reason = f"image aspect ratio > {MAX_ASPECT_RATIO}"
+                    break
+                sizes.append((w, h))
+            if reason:
+                unusable[reason] += 1
                 continue
-            width, height = image.size
-            if max(width, height) / max(1, min(width, height)) > MAX_ASPECT_RATIO:
-                unusable[f"image aspect ratio > {MAX_ASPECT_RATIO}"] += 1
-                continue
-            widths.append(width)
-            heights.append(height)
-            longer.append(max(width, height))
-            text = text_token_count(problem, processor, system_prompt)
-            original = image_token_count(width, height, image_processor)
-            shrunk = image_token_count(*downscaled_size(width, height, max_image_side), image_processor)
+            counts.append(len(sizes))
+            widths += [w for w, _ in sizes]
+            heights += [h for _, h in sizes]
+            longer += [max(w, h) for w, h in sizes]
+            text = text_token_count(problem, processor, system_prompt, len(sizes))
+            original = sum(image_token_count(w, h, image_processor) for w, h in sizes)
+            shrunk = sum(image_token_count(*downscaled_size(w, h, max_image_side), image_processor) for w, h in sizes)
             tokens["original"].append(original)
             tokens["downscale"].append(shrunk)
-            prompt["downscale"].append(text + shrunk)
-            if not max_image_side or max(width, height) <= max_image_side:
-                prompt["drop"].append(text + original)
+            for policy, image_tokens in (("downscale", shrunk), ("drop", original)):
+                if policy == "drop" and max_image_side and any(max(s) > max_image_side for s in sizes):
+                    continue
+                prompt[policy].append(text + image_tokens)
+                if longest[policy] is None or text + image_tokens > longest[policy]["tokens"]:
+                    longest[policy] = {"tokens": text + image_tokens, "images": len(sizes),
+                                       "image_tokens": image_tokens, "row": batch_start + i}
+    check_image_lists(empty_lists)
     over_length = {policy: sum(n > max_prompt_length for n in lengths) if max_prompt_length else 0
                    for policy, lengths in prompt.items()}
     return {
@@ -386,15 +586,25 @@ def survey_dataset(
         "max_image_side": max_image_side,
         "max_prompt_length": max_prompt_length,
         "unusable": dict(sorted(unusable.items())),
+        "images_per_row": {"min": min(counts), "median": statistics.median_low(counts), "max": max(counts)}
+        if counts else None,
         "image_width": percentiles(widths),
         "image_height": percentiles(heights),
         "image_longer_side": percentiles(longer),
         "over_max_image_side": sum(side > max_image_side for side in longer) if max_image_side else 0,
         "image_tokens": {name: percentiles(values) for name, values in tokens.items()},
         "prompt_tokens": {policy: percentiles(lengths) for policy, lengths in prompt.items()},
+        "longest_prompt": longest,
         "over_max_prompt_length": over_length,
         "kept": {policy: len(lengths) - over_length[policy] for policy, lengths in prompt.items()},
     }
+
+
+def _batches(ds, size: int = 256):
+    start = 0
+    for batch in ds.iter(batch_size=size):
+        yield start, batch
+        start += size
 
 
 def split_train_eval(ds, eval_fraction: float, seed: int):
@@ -423,6 +633,7 @@ def split_record(script_args, training_args, train_dataset, held_out) -> dict:
         "dataset_train_split": script_args.dataset_train_split,
         "seed": training_args.seed,
         "eval_fraction": script_args.eval_fraction,
+        "columns": vars(data_columns(script_args)),
         "train_source_indices": sorted(train_dataset[SOURCE_INDEX]),
         "held_out_source_indices": sorted(held_out[SOURCE_INDEX]) if held_out is not None else [],
     }

@@ -3,7 +3,7 @@
 The prompt is built exactly as TRL's GRPOTrainer builds it during training (the dataset's conversational `prompt`
 with the row's image placed before the user's text, then the processor's chat template), so evaluation and
 inference see the same input the policy was trained on. Vision special tokens are banned from sampling as in
-training (grpo_vlm.py, KNOWN_ISSUES M5): a generated `<|image_pad|>` is meaningless outside the image slot.
+training (grpo_vlm.py, fix ledger M5): a generated `<|image_pad|>` is meaningless outside the image slot.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass
 
 # Tokens that only the processor may place: a generated `<|image_pad|>` makes the next forward pass fail with
-# "Image features and image tokens do not match" (KNOWN_ISSUES M5; R1-V#91 reports the same from vLLM). Training
+# "Image features and image tokens do not match" (fix ledger M5; R1-V#91 reports the same from vLLM). Training
 # (grpo_vlm.py) and evaluation/inference (this module) ban the same ones, from here.
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -32,7 +32,7 @@ BANNED_LOGIT = -1.0e4
 
 
 def ban_tokens_in_logits(model, token_ids: list[int]):
-    """Make the policy the trainer scores the policy vLLM samples from (KNOWN_ISSUES M10).
+    """Make the policy the trainer scores the policy vLLM samples from (fix ledger M10).
 
     vLLM masks `bad_words` before it computes the log-probs it reports (TRL 1.2.0 asks for "processed_logprobs";
     vLLM 0.11.0 `v1/sample/sampler.py` applies bad words, then computes them), so its log-probs are those of the
@@ -63,30 +63,39 @@ class GenerationSettings:
     batch_size: int = 8  # questions per forward pass (HF backend)
 
 
-def with_image(prompt: list[dict]) -> list[dict]:
-    """The conversational prompt with an image slot before the user's text (what TRL does for image rows)."""
+def with_image(prompt: list[dict], num_images: int = 1) -> list[dict]:
+    """The conversational prompt with `num_images` image slots before the user's text (what TRL does for image
+    rows)."""
     messages = copy.deepcopy(prompt)
     for message in messages:
         if message["role"] == "user":
             text = message["content"]
             if isinstance(text, str):
-                message["content"] = [{"type": "image"}, {"type": "text", "text": text}]
+                message["content"] = [*[{"type": "image"}] * num_images, {"type": "text", "text": text}]
             break
     else:
         raise ValueError("prompt has no user message to attach the image to")
     return messages
 
 
-def prompt_texts(processor, prompts: list[list[dict]]) -> list[str]:
+def image_lists(images: list) -> list[list]:
+    """Each row's images as a list: rows of one image (`image` column) or of several (`images`)."""
+    return [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+
+
+def prompt_texts(processor, prompts: list[list[dict]], images: list | None = None) -> list[str]:
+    counts = [len(ims) for ims in image_lists(images)] if images is not None else [1] * len(prompts)
     return [
-        processor.apply_chat_template(with_image(p), add_generation_prompt=True, tokenize=False) for p in prompts
+        processor.apply_chat_template(with_image(p, n), add_generation_prompt=True, tokenize=False)
+        for p, n in zip(prompts, counts, strict=True)
     ]
 
 
 def model_inputs(processor, prompts: list[list[dict]], images: list, device="cpu"):
-    """Tokenized, left-padded batch of prompts with their images (pixel values and grid sizes included)."""
+    """Tokenized, left-padded batch of prompts with their images (pixel values and grid sizes included); an entry
+    of `images` is one image or a list of them."""
     inputs = processor(
-        text=prompt_texts(processor, prompts), images=[[im] for im in images], padding=True, return_tensors="pt"
+        text=prompt_texts(processor, prompts, images), images=image_lists(images), padding=True, return_tensors="pt"
     )
     return inputs.to(device)
 
@@ -135,7 +144,7 @@ def vllm_sampling_params(llm, settings: GenerationSettings):
     vLLM 0.11.0 turns `bad_words` into token ids on a clone of the caller's params (`v1/engine/processor.py:409-419`),
     but for n > 1 it fans out child requests copied from the caller's *unresolved* params
     (`v1/engine/llm_engine.py:244-247`, `v1/engine/parallel_sampling.py:67`): every completion of a multi-sample
-    request ignores the ban (KNOWN_ISSUES M11, measured in tests/test_vllm_colocate.py). Resolving it here puts the ids
+    request ignores the ban (fix ledger M11, measured in tests/test_vllm_colocate.py). Resolving it here puts the ids
     on the params the children are copied from. TRL's colocate path asks for n=1 per prompt and is not affected."""
     from vllm import SamplingParams
 
@@ -155,8 +164,8 @@ def vllm_generate(llm, processor, prompts, images, settings: GenerationSettings,
     """The same completions with a vLLM engine (`vllm.LLM`); `lora_request` applies an adapter without merging."""
     params = vllm_sampling_params(llm, settings)
     requests = [
-        {"prompt": text, "multi_modal_data": {"image": image}}
-        for text, image in zip(prompt_texts(processor, prompts), images, strict=True)
+        {"prompt": text, "multi_modal_data": {"image": image}}  # one image, or a row's list of them
+        for text, image in zip(prompt_texts(processor, prompts, images), images, strict=True)
     ]
     results = llm.generate(requests, params, lora_request=lora_request, use_tqdm=True)
     return [[o.text for o in r.outputs] for r in results]

@@ -53,6 +53,7 @@ from data import (  # noqa: E402
     SOURCE_INDEX,
     SPLIT_RECORD,
     DatasetError,
+    data_columns,
     load_raw_dataset,
     prepare_dataset,
     split_record,
@@ -63,7 +64,7 @@ from data import (  # noqa: E402
 from generation import vision_token_ban  # noqa: E402
 from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
 from resume import RESUME_MODES, resume_point  # noqa: E402
-from rewards import REWARD_FUNCS, SYSTEM_PROMPT, get_reward_funcs  # noqa: E402
+from rewards import REWARD_FUNCS, SYSTEM_PROMPT, RewardError, check_reward_funcs, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
 
 logger = logging.getLogger("grpo_vlm")
@@ -80,8 +81,20 @@ class VLMGRPOScriptArguments(ScriptArguments):
         default="lmms-lab/multimodal-open-r1-8k-verified",
         metadata={
             "help": "Hub id, local path (parquet file/folder, `save_to_disk` folder, jsonl with image paths) or "
-            "'synthetic' (built-in offline dataset of generated images with verifiable answers)."
+            "'synthetic' (built-in offline dataset of generated images with verifiable answers) or 'grounding' "
+            "(generated shapes, answers are boxes: use --reward_funcs format iou)."
         },
+    )
+    image_column: str = field(
+        default="image",
+        metadata={"help": "Column holding each row's image: an image, a path (jsonl), or a list of them (several "
+                          "images a row, one placeholder each, in order)."},
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding each row's question."})
+    solution_column: str = field(
+        default="solution",
+        metadata={"help": "Column holding each row's gold answer (ideally `<think>...</think><answer>...</answer>`); "
+                          "rewards read it as `solution`, and under its own name too."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -115,7 +128,9 @@ class VLMGRPOScriptArguments(ScriptArguments):
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["format", "accuracy"],
-        metadata={"help": f"Reward functions, by name: {sorted(REWARD_FUNCS)}."},
+        metadata={"help": f"Reward functions: names from {sorted(REWARD_FUNCS)}, and your own as "
+                          "path/to/file.py:function or package.module:function (TRL's reward signature, "
+                          "`f(completions, **kwargs)`, every dataset column by name). Weights: --reward_weights."},
     )
     system_prompt: str = field(
         default=SYSTEM_PROMPT, metadata={"help": "System prompt; the default asks for the format the rewards check."}
@@ -223,7 +238,7 @@ def parse_args(argv: list[str] | None = None):
             raise ConfigError(f"{err}. `--help` lists the flags.") from err
         if "num_generations" not in str(err):
             raise
-        # GRPOConfig's own message names generation_batch_size, which the user never set (KNOWN_ISSUES U8).
+        # GRPOConfig's own message names generation_batch_size, which the user never set (fix ledger U8).
         raise ConfigError(
             f"{err} per_device_train_batch_size counts completions, not prompts (trl#3020): "
             "per_device_train_batch_size x processes x gradient_accumulation_steps (or --generation_batch_size) "
@@ -235,7 +250,7 @@ def parse_args(argv: list[str] | None = None):
 
 def normalize_target_modules(modules: list[str] | str | None) -> list[str] | str | None:
     """`"q_proj", "v_proj"` (TRL docs' comma form) reaches argparse as ['q_proj,', 'v_proj']: PEFT would then match
-    `q_proj,` nowhere and put LoRA on v_proj only, silently (KNOWN_ISSUES U3). Split on commas, drop blanks."""
+    `q_proj,` nowhere and put LoRA on v_proj only, silently (fix ledger U3). Split on commas, drop blanks."""
     if modules is None:
         return None
     if isinstance(modules, str):
@@ -262,6 +277,10 @@ def validate_args(script_args, training_args, model_args) -> None:
         get_reward_funcs(script_args.reward_funcs)
     except ValueError as err:  # unknown names: the message lists the valid ones; `error: ...`, not a traceback
         raise ConfigError(str(err)) from err
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(script_args.reward_funcs):  # TRL checks it after loading weights
+        raise ConfigError(f"--reward_weights has {len(weights)} values for {len(script_args.reward_funcs)} "
+                          f"--reward_funcs {script_args.reward_funcs}: give one weight per reward")
     if training_args.use_vllm and training_args.vllm_enable_sleep_mode:
         raise ConfigError(
             "--vllm_enable_sleep_mode is broken in TRL 1.2.0: after waking up, vLLM reloads the weights from disk, "
@@ -467,6 +486,7 @@ def load_source(script_args, training_args, limit: int | None = None):
         script_args.dataset_train_split,
         synthetic_rows=script_args.synthetic_rows,
         seed=training_args.seed,
+        columns=data_columns(script_args),
     )
     source_rows = len(raw)
     n = min(x for x in (source_rows, script_args.max_train_samples, limit) if x is not None)
@@ -530,9 +550,11 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
     from trainer import VLMGRPOTrainer
 
     peft_config = get_peft_config(model_args)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    check_reward_funcs(script_args.reward_funcs, reward_funcs, train_dataset[0])  # before the weights load
     return VLMGRPOTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -547,7 +569,8 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     """Prepare the first rows for real, survey every row from its image header (sizes, image tokens, prompt lengths,
     rows kept under each --image_policy), check the processor and the batch arithmetic; print the plan. Loads no
     model weights."""
-    _, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
+    check_reward_funcs(script_args.reward_funcs, get_reward_funcs(script_args.reward_funcs), checked[0])
     raw, _ = load_source(script_args, training_args)
     survey = survey_dataset(
         raw,
@@ -575,6 +598,8 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     if longest is not None and script_args.max_prompt_length:
         longest = min(longest, script_args.max_prompt_length)  # longer rows are dropped before training
     plan["vllm"] = check_vllm_limits(training_args, model_args, longest)
+    if plan["vllm"] is not None and survey["images_per_row"]:  # what trainer.py gives vLLM (M12, vllm_colocate.py)
+        plan["vllm"]["limit_mm_per_prompt"] = {"image": survey["images_per_row"]["max"]}
     plan["note"] = (
         f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
         "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
@@ -642,5 +667,5 @@ def main(script_args, training_args, model_args) -> Path | None:
 if __name__ == "__main__":
     try:
         main(*parse_args())
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, RewardError) as err:
         sys.exit(f"error: {err}")

@@ -7,16 +7,26 @@ completion's fault is not a silent 0: a missing math-verify is an error (at `get
 load), and a math-verify timeout is logged, counted in `ACCURACY_EVENTS` and reported to TRL's `log_metric`.
 
 Pick them by name: `--reward_funcs format accuracy` (the default). The system prompt below asks for exactly the
-format `format_reward` checks and the answer forms `accuracy_reward` reads.
+format `format_reward` checks and the answer forms `accuracy_reward` reads. Your own reward comes from a file or a
+module, mixed with the names: `--reward_funcs format path/to/my_reward.py:score package.module:function`
+(`get_reward_funcs`); `check_reward_funcs` calls each once on a dummy completion before any weights load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
+import inspect
 import logging
+import math
+import numbers
+import os
 import re
+import sys
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 logger = logging.getLogger(__name__)
@@ -34,6 +44,9 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _DIGIT_RE = re.compile(r"\d")
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# A box, `[x1, y1, x2, y2]` in pixels: the grounding task's answer form (Qwen2.5-VL's own grounding output).
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+BOX_RE = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 
 
 def completion_text(completion) -> str:
@@ -237,11 +250,51 @@ def digit_ratio_reward(completions, **kwargs) -> list[float]:
     return rewards
 
 
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """The last `[x1, y1, x2, y2]` of `text`, or None."""
+    boxes = BOX_RE.findall(text or "")
+    return tuple(float(v) for v in boxes[-1]) if boxes else None
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes; 0.0 when either is degenerate (no area)."""
+    if a is None or b is None or a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
+        return 0.0
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iou_reward(completions, solution, image_sizes=None, model_image_sizes=None, **kwargs) -> list[float]:
+    """IoU of the last box in the completion's last `<answer>` with the gold box of `solution`'s `<answer>`.
+
+    Frames: the gold box is in pixels of the row's (first) image as stored, after any downscaling (data.py scales
+    the gold box with its image). Qwen2.5-VL states boxes in absolute pixels of the image it sees, the processor's
+    resize of that image to multiples of 28 (`model_image_sizes`); the predicted box is scaled from that frame to the
+    stored one (`image_sizes`) before the IoU. Rows without those columns (a dataset built elsewhere) compare the
+    boxes as they are. 0.0 for no `<answer>`, no box, a degenerate box (x2 <= x1 or y2 <= y1) or no gold box."""
+    n = len(completions)
+    image_sizes, model_image_sizes = image_sizes or [None] * n, model_image_sizes or [None] * n
+    rewards = []
+    for completion, sol, stored, seen in zip(completions, solution, image_sizes, model_image_sizes, strict=True):
+        tagged = _ANSWER_RE.findall(completion_text(completion))
+        pred = parse_box(tagged[-1]) if tagged else None
+        gold = parse_box(extract_gold(sol))
+        if pred is not None and stored and seen:
+            (w, h), (mw, mh) = stored[0], seen[0]
+            pred = (pred[0] * w / mw, pred[1] * h / mh, pred[2] * w / mw, pred[3] * h / mh)
+        rewards.append(box_iou(pred, gold))
+    return rewards
+
+
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "format": format_reward,
     "accuracy": accuracy_reward,
     "tag_count": tag_count_reward,
     "digit_ratio": digit_ratio_reward,
+    "iou": iou_reward,
 }
 
 
@@ -249,17 +302,107 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
 REWARD_REQUIREMENTS = {"accuracy": ("math_verify",)}
 
 
+class RewardError(ValueError):
+    """A reward that cannot be used: the message names it, says what is wrong and how to fix it."""
+
+
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
-    """Reward functions by registry name, with an error that lists the valid names."""
-    unknown = [n for n in names if n not in REWARD_FUNCS]
-    if unknown:
-        raise ValueError(f"unknown reward function(s) {unknown}: choose from {sorted(REWARD_FUNCS)} (--reward_funcs)")
+def get_reward_funcs(specs: list[str]) -> list[Callable[..., list[float]]]:
+    """Reward functions by registry name, `path/to/file.py:function` or `package.module:function`, in order.
+
+    A file is imported as a module of its own (relative paths from the working directory); a module is imported from
+    the installed packages or the working directory. Raises RewardError, one line naming the reward, for an unknown
+    name, a missing file, a failed import, a missing function or one without TRL's reward signature."""
+    funcs = [_load_reward(spec) for spec in specs]
+    names = [s for s in specs if s in REWARD_FUNCS]
     missing = [f"{n} needs {m}" for n in names for m in REWARD_REQUIREMENTS.get(n, ()) if not _importable(m)]
     if missing:  # here, before the model loads, rather than at the first reward hours later
-        raise ValueError(f"reward function requirements missing: {', '.join(missing)}; "
-                         "pip install -r code/vlm-grpo/requirements.txt")
-    return [REWARD_FUNCS[n] for n in names]
+        raise RewardError(f"reward function requirements missing: {', '.join(missing)}; "
+                          "pip install -r code/vlm-grpo/requirements.txt")
+    return funcs
+
+
+def _load_reward(spec: str) -> Callable[..., list[float]]:
+    if spec in REWARD_FUNCS:
+        return REWARD_FUNCS[spec]
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise RewardError(f"unknown reward function {spec!r} (--reward_funcs): choose from {sorted(REWARD_FUNCS)}, "
+                          "or name your own as path/to/file.py:function or package.module:function")
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise RewardError(f"--reward_funcs {spec}: no file {path.absolute()}")
+        # one module per file, named after its resolved path: two files called rewards.py do not collide
+        module_name = f"vlm_grpo_reward_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        try:
+            module = sys.modules.get(module_name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[module_name] = module
+                loader_spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001 - whatever the user's file raises, it is one line naming the file
+            sys.modules.pop(module_name, None)
+            raise RewardError(f"--reward_funcs {spec}: importing {path} failed: {type(err).__name__}: {err}") from err
+        source = str(path)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # a package of the repository the job cloned, run from its root
+        try:
+            module = importlib.import_module(where)
+        except Exception as err:  # noqa: BLE001
+            raise RewardError(f"--reward_funcs {spec}: importing module {where} failed: {type(err).__name__}: "
+                              f"{err}") from err
+        source = f"module {where}"
+    func = getattr(module, name, None)
+    if not callable(func):
+        defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_"))
+        raise RewardError(f"--reward_funcs {spec}: {source} has no function {name!r} (its functions: {defined})")
+    _check_signature(func, spec)
+    return func
+
+
+def _check_signature(func, spec: str) -> None:
+    """TRL calls `func(prompts=..., completions=..., completion_ids=..., <every dataset column>=..., trainer_state=...,
+    log_extra=..., log_metric=...)`, all by keyword: the function must take `completions` and `**kwargs`."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: the dummy call (check_reward_funcs) is the check
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "completions" not in params or not takes_kwargs:
+        raise RewardError(
+            f"--reward_funcs {spec}: {getattr(func, '__name__', func)}{inspect.signature(func)} does not have TRL's "
+            "reward signature: write it as `def f(completions, **kwargs) -> list[float]` (dataset columns arrive "
+            "as keyword lists, e.g. `def f(completions, solution, **kwargs)`)"
+        )
+
+
+DUMMY_COMPLETION = [{"role": "assistant", "content": "<think>dummy</think><answer>0</answer>"}]
+
+
+def check_reward_funcs(specs: list[str], funcs: list[Callable], row: dict) -> None:
+    """Call each reward once, as TRL will, on a dummy completion for `row` (one prepared dataset row, every column):
+    a reward that raises, asks for a column the data lacks, or returns other than one number (or None) per
+    completion is a RewardError naming it, before any weights load."""
+    columns = {k: [v] for k, v in row.items() if k not in ("prompt", "completion", "completion_ids")}
+    for spec, func in zip(specs, funcs, strict=True):
+        kwargs = dict(prompts=[row.get("prompt")], completions=[DUMMY_COMPLETION], completion_ids=[[0]], **columns,
+                      trainer_state=None, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
+        try:
+            scores = func(**kwargs)
+        except Exception as err:  # noqa: BLE001
+            raise RewardError(f"--reward_funcs {spec}: calling it on a dummy completion raised {type(err).__name__}: "
+                              f"{err} (the dataset's columns: {sorted(columns)})") from err
+        if not isinstance(scores, (list, tuple)) or len(scores) != 1:
+            got = f"{len(scores)} scores" if isinstance(scores, (list, tuple)) else type(scores).__name__
+            raise RewardError(f"--reward_funcs {spec}: returned {got} for 1 completion: return a list with one "
+                              "float (or None) per completion")
+        score = scores[0]
+        if score is not None and not (isinstance(score, numbers.Real) and math.isfinite(score)):
+            raise RewardError(f"--reward_funcs {spec}: returned {score!r}: each score must be a finite float "
+                              "(or None where the reward does not apply)")

@@ -3,21 +3,28 @@ and one policy for sampling and scoring (generation.py). Each fix's cause is wri
 
 from __future__ import annotations
 
+import contextlib
+
 from trl import GRPOTrainer
 
 from fast_paths import FastPaths
 from checkpoints import CrashConsistentSaveMixin
 import zero3  # noqa: F401  (swaps TRL's unwrap_model_for_generation for the M1'/M2 fixed one)
 from generation import ban_tokens_in_logits, vision_token_ban
-from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding_workaround
+from data import max_images_per_row
+from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding_workaround, images_per_prompt_limit
 
 
 class VLMGRPOTrainer(CrashConsistentSaveMixin, FastPaths, GRPOTrainer):  # FastPaths: fast_paths.py (F1, F2)
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args")
+        image_limit = contextlib.nullcontext()
         if training_args is not None and training_args.use_vllm and training_args.vllm_mode == "colocate":
             cpu_thread_binding_workaround()  # M9, before TRL builds the engine; a no-op on GPUs
-        super().__init__(*args, **kwargs)
+            if kwargs.get("train_dataset") is not None:
+                image_limit = images_per_prompt_limit(max_images_per_row(kwargs["train_dataset"]))  # M12
+        with image_limit:
+            super().__init__(*args, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         # M10: the tokens vLLM (bad_words) and HF generation (suppress_tokens) can never sample are masked in the
         # trainer's log-probs too, so sampling and scoring see the same policy. A separate reference model (full

@@ -1,8 +1,8 @@
 """What GRPO + LoRA + DeepSpeed ZeRO-3 needs on this stack (TRL 1.2.0, transformers 4.57.6, DeepSpeed 0.18.9).
 
-Each fix names the failure it prevents (its id in the fix ledger, experiments/vlm-grpo/INTERNALS.md) and its root cause; all are
-exercised by tests/test_train_cpu.py, which trains 2 ZeRO-3 processes on CPU and checks every LoRA weight moved, and
-tests/test_zero3_gradients.py checks M1's gradients: one step's LoRA gradients under 2-process ZeRO-3 with
+Each fix names the failure it prevents (its id in the fix ledger, experiments/vlm-grpo/INTERNALS.md) and its root
+cause; all are exercised by tests/test_train_cpu.py, which trains 2 ZeRO-3 processes on CPU and checks every LoRA
+weight moved, and tests/test_zero3_gradients.py checks M1's gradients: one step's LoRA gradients under 2-process ZeRO-3 with
 checkpointing equal those of one plain process on the same fixed batch.
 
 M1  non-reentrant checkpointing under ZeRO-3: `CheckpointError: Recomputed values ... different metadata`, frozen
