@@ -10,7 +10,7 @@ against the base model on the held-out split and plot the run. A few minutes on 
 rollouts from vLLM in colocate mode (the CPU build of `make vllm-cpu` off-GPU), and evaluates with vLLM too. If the
 weight sync into vLLM were broken, rollouts would come from the base model forever and the reward would not rise. It
 uses the tiny model with an output head of its own (`tiny-untied`): with lm_head tied to the embeddings, vLLM would run
-the adapted head as its input embeddings too (grpo_vlm.check_vllm_lora_targets refuses that).
+the adapted head as its input embeddings too (vllm_colocate.check_vllm_lora_targets refuses that).
 
 The reward is `digit_ratio` (share of digits in the completion), not the task's accuracy: a random-weights model
 never answers correctly or in format, so those rewards are 0 for every completion, their advantages are 0 and
@@ -95,7 +95,7 @@ def run(out_dir: Path, figure: Path | None, vllm: bool = False, timeout_s: float
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # --vllm: the demo adapts lm_head, and vLLM can serve an adapted head only apart from the input embeddings
-    # (grpo_vlm.check_vllm_lora_targets): the tiny model with its own head
+    # (vllm_colocate.check_vllm_lora_targets): the tiny model with its own head
     preset = "tiny-untied" if vllm else "tiny"
     model = out_dir / ("tiny-qwen2.5-vl-untied" if vllm else "tiny-qwen2.5-vl")
     if not (model / "config.json").is_file():

@@ -129,7 +129,7 @@ PRESETS = {
     ),
 }
 # The tiny model with its own output head: learning_demo.py --vllm adapts lm_head, which vLLM can only serve for a
-# model that does not tie it to the input embeddings (grpo_vlm.check_vllm_lora_targets says why).
+# model that does not tie it to the input embeddings (vllm_colocate.check_vllm_lora_targets says why).
 PRESETS["tiny-untied"] = {
     **PRESETS["tiny"], "text": {**PRESETS["tiny"]["text"], "tie_word_embeddings": False}
 }

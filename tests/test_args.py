@@ -421,7 +421,7 @@ def test_tiny_model_never_generates_image_pad_with_the_ban(tiny_model, processor
 def test_lora_on_a_tied_output_head_is_refused_with_vllm(tiny_model, tmp_path):
     """The tiny model ties lm_head to the embeddings, as Qwen2.5-VL-3B does: with vLLM rollouts an adapted head
     would also replace vLLM's input embeddings (measured: the policies drifted apart, the reward collapsed)."""
-    from grpo_vlm import check_vllm_lora_targets
+    from vllm_colocate import check_vllm_lora_targets
 
     args = [*BASE, "--model_name_or_path", str(tiny_model), "--use_peft", "--use_vllm"]
     _, training_args, model_args = parse_args([*args, "--lora_target_modules", "q_proj", "lm_head"])
@@ -438,7 +438,7 @@ def test_lora_on_a_tied_output_head_is_refused_with_vllm(tiny_model, tmp_path):
 def test_lora_on_an_untied_output_head_is_fine_with_vllm(tmp_path):
     import make_tiny_model
 
-    from grpo_vlm import check_vllm_lora_targets
+    from vllm_colocate import check_vllm_lora_targets
 
     model = make_tiny_model.build(tmp_path / "untied", preset="tiny-untied")
     _, training_args, model_args = parse_args([*BASE, "--model_name_or_path", str(model), "--use_peft", "--use_vllm",

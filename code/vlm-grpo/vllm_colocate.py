@@ -24,6 +24,10 @@ M9  (CPU build only) rank 1 dies in vLLM's CPU worker (`vllm/v1/worker/cpu_worke
     by the global rank. The colocated engine shares its process, and so its cores, with the trainer: it must not pin
     threads at all. `cpu_thread_binding_workaround` makes the worker's auto-binding answer "all" (no pinning). It is
     applied only when no GPU is present; GPU workers never run this code.
+
+The checks the script runs before any weights load, with or without vLLM installed, sit at the end: the engine's
+context and TRL's batched-token budget against the data (`check_vllm_limits`, also the dry run's vLLM plan), and LoRA
+on a tied output head refused with vLLM rollouts (`check_vllm_lora_targets`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+
+from config_error import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +129,85 @@ def cpu_thread_binding_workaround() -> None:
     no_binding._vlm_grpo_m9 = True
     CPUWorker._get_autobind_cpu_ids = no_binding
     logger.info("vLLM CPU worker: thread binding off (colocated with the trainer; fix ledger M9)")
+
+
+# ---- checks before any weights load (grpo_vlm.py's validate_args, setup and --dry_run) ---------------------------
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def model_config(model_args):
+    """The model's config.json only (no weights), as the trainer will load it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+
+
+# TRL 1.2.0 builds the colocated engine with max_num_batched_tokens=4096 (trl/generation/vllm_generation.py): a prompt
+# longer than that, image tokens included, cannot be scheduled (trl#3788).
+VLLM_COLOCATE_BATCHED_TOKENS = 4096
+
+
+def check_vllm_limits(training_args, model_args, longest_prompt: int | None) -> dict | None:
+    """The limits the colocated engine will hold the run to, checked without vLLM: context length against the
+    model's, the longest prompt the data produces against TRL's batched-token budget. None without --use_vllm."""
+    if not training_args.use_vllm:
+        return None
+    config = model_config(model_args)
+    context = config.get_text_config().max_position_embeddings
+    max_model_len = training_args.vllm_max_model_length
+    if max_model_len is not None and max_model_len > context:
+        raise ConfigError(
+            f"vLLM's max model length {max_model_len} (--max_prompt_length + --max_completion_length, or "
+            f"--vllm_max_model_length) exceeds the model's context of {context} tokens: lower them."
+        )
+    if longest_prompt is not None and longest_prompt > VLLM_COLOCATE_BATCHED_TOKENS:
+        raise ConfigError(
+            f"the longest prompt of the data is {longest_prompt} tokens (image tokens included); TRL 1.2.0's "
+            f"colocated vLLM schedules at most {VLLM_COLOCATE_BATCHED_TOKENS} (trl#3788). Set --max_prompt_length "
+            f"{VLLM_COLOCATE_BATCHED_TOKENS} or less (longer rows are dropped) or a smaller --max_image_side."
+        )
+    return {
+        "mode": training_args.vllm_mode,
+        "installed": vllm_importable(),
+        "max_model_len": max_model_len if max_model_len is not None else context,
+        "model_context": context,
+        "max_num_batched_tokens": VLLM_COLOCATE_BATCHED_TOKENS,
+        "longest_prompt": longest_prompt,
+        "gpu_memory_utilization": training_args.vllm_gpu_memory_utilization,
+    }
+
+
+def check_vllm_lora_targets(training_args, model_args) -> None:
+    """Refuse LoRA on the output head or the embeddings of a model that ties them, with vLLM rollouts.
+
+    TRL 1.2.0 syncs the policy into vLLM by merging LoRA into the weights and loading them by name; a tied model's
+    `lm_head` *is* its `embed_tokens` (one tensor in transformers, one module in vLLM), so the merged head also
+    replaces vLLM's input embeddings, which the trainer keeps unmerged. The two policies drift apart as the adapter
+    grows: measured on the tiny model, the importance-sampling ratio left ~1 after about 16 steps (0.0008..9.6) and
+    the learned reward collapsed (experiments/vlm-grpo/cpu-results/vllm-lora-on-tied-lm-head.json). Qwen2.5-VL-3B ties them; q_proj/v_proj (the seed's targets) are not affected."""
+    if not (training_args.use_vllm and model_args.use_peft and model_args.lora_target_modules):
+        return
+    targets = model_args.lora_target_modules
+    targets = [targets] if isinstance(targets, str) else targets
+    tied_modules = [t for t in targets if t in ("lm_head", "embed_tokens")]  # PEFT's all-linear skips lm_head
+    if not tied_modules:
+        return
+    config = model_config(model_args)
+    tied = getattr(config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = config.get_text_config().tie_word_embeddings
+    if tied:
+        raise ConfigError(
+            f"--lora_target_modules {' '.join(tied_modules)} with --use_vllm: this model ties lm_head to its input "
+            "embeddings, so vLLM would run the merged head as its embeddings too and sample from another policy than "
+            "the one trained. Drop lm_head/embed_tokens from the targets, or generate with transformers (no --use_vllm)."
+        )

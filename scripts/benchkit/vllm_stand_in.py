@@ -45,9 +45,9 @@ def install_vllm_stand_in(completion_length: int, rec: Recorder) -> None:
     import trl.trainer.grpo_trainer as grpo_trainer
     from trl.generation.vllm_generation import VLLMGeneration
 
-    import grpo_vlm
+    import vllm_colocate
 
-    grpo_vlm.vllm_importable = lambda: True  # the script's up-front check: vLLM is replaced, not needed
+    vllm_colocate.vllm_importable = lambda: True  # the script's up-front check: vLLM is replaced, not needed
 
     class StandIn:
         sync_weights = VLLMGeneration.sync_weights
