@@ -317,12 +317,14 @@ def teach_box_answers(model_dir: str | Path, steps: int = 150, seed: int = 0, ba
         prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     tokenizer.padding_side = "right"
-    losses = []
+    losses, prompt_len = [], {}
     model.train()
     for _ in range(steps):
         picks = [rng.randrange(len(rows)) for _ in range(batch_size)]
         answers = [BOX_ANSWER.format(*random_box(rng, side)) + tokenizer.eos_token for _ in picks]
-        prompt_lens = [len(processor(text=[prompts[i]], images=[rows[i][0]])["input_ids"][0]) for i in picks]
+        for i in set(picks) - set(prompt_len):  # once a row: 16 processor calls a step cost more than the step
+            prompt_len[i] = len(processor(text=[prompts[i]], images=[rows[i][0]])["input_ids"][0])
+        prompt_lens = [prompt_len[i] for i in picks]
         batch = processor(text=[prompts[i] + a for i, a in zip(picks, answers)], images=[rows[i][0] for i in picks],
                           padding=True, return_tensors="pt")
         labels = batch["input_ids"].clone()

@@ -265,7 +265,9 @@ def test_full_disk_during_a_save(tiny_model, tmp_path):
     assert (full.stdout + full.stderr).count("'loss'") == 1, "step 3 was trained and logged before the save"
     staged = out / ".partial-checkpoint-3" / "checkpoint-3"
     assert (staged / "adapter_model.safetensors").stat().st_size == adapter, "the adapter (under the limit) was saved"
-    assert "optimizer" in (checkpoint_problem(staged, 2, True) or ""), "the save stopped at the optimizer shards"
+    shards = sorted(staged.glob("global_step3/*_optim_states.pt"))
+    assert len(shards) == 2 and {p.stat().st_size for p in shards} == {limit}, "the optimizer shards were cut there"
+    assert checkpoint_problem(staged, 2, True) is not None, "never taken for a checkpoint"
 
     finish_from(tiny_model, out, resumed=2)
     record("full disk during a save", f"`RLIMIT_FSIZE` of {limit} bytes on the launched processes (the adapter "

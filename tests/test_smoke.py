@@ -28,7 +28,9 @@ def test_failed_smoke_exits_with_the_runs_status_and_keeps_the_previous_result(t
 
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "smoke run failed (exit 1)" in proc.stderr
-    assert "error: unknown reward function(s) ['no_such_reward']" in proc.stderr, proc.stderr  # the run's own line
+    assert ("error: unknown reward function 'no_such_reward' (--reward_funcs): choose from ['accuracy', 'digit_ratio', "
+            "'format', 'iou', 'tag_count'], or name your own as path/to/file.py:function or package.module:function"
+            in proc.stderr), proc.stderr  # the run's own line
     assert previous.read_bytes() == b"the previous run's adapter"
     assert f"the previous result in {smoke / 'run'} is untouched" in proc.stderr
     assert str(previous) not in proc.stdout.splitlines()[-1:], "no adapter path printed for a failed run"
