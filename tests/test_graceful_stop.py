@@ -9,7 +9,6 @@ so that run is not repeated elsewhere. test_faults.py stops the transformers pat
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import _proc
+from test_faults import first_line, logged_steps
 from test_train_cpu import REPO, env, launch_cmd
 from test_vllm_colocate import vllm_seed_args
 from _vllm import require_vllm
@@ -34,11 +34,6 @@ def seed_command(model, out: Path) -> list[str]:
                       [*vllm_seed_args(model, out, STEPS), "--logging_steps", "1", "--save_steps", "100"])
 
 
-def logged_steps(checkpoint: Path) -> list[int]:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return [h["step"] for h in state["log_history"] if "loss" in h]
-
-
 def stop_once_training(cmd: list[str], log: Path, signum: int) -> tuple[int, str]:
     """Start `cmd`, send `signum` to the launcher once a step has been logged, return (launcher status, log)."""
     with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
@@ -53,9 +48,9 @@ def stop_once_training(cmd: list[str], log: Path, signum: int) -> tuple[int, str
 
 
 def stop_line(text: str) -> str:
-    lines = [line.split(" grpo_vlm: ")[-1].strip() for line in text.splitlines() if "stopped by SIG" in line]
-    assert lines, text[-4000:]
-    return lines[0]
+    line = first_line(text, "stopped by SIG")
+    assert line, text[-4000:]
+    return line
 
 
 @pytest.fixture(scope="module")
