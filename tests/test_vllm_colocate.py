@@ -16,7 +16,6 @@ from PIL import Image
 
 from _vllm import engine, engine_prompt_ids, require_vllm
 from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, launch_cmd, run
 from vllm_colocate import PromptMismatchError, check_engine_prompts, collapse_image_pads
 
 IMAGE_PAD = "<|image_pad|>"
@@ -155,13 +154,13 @@ def vllm_seed_args(model, out, steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def vllm_weight_report(tiny_model, tmp_path_factory):
-    """tests/zero3_weight_check.py on the seed's vLLM flags plus FAST (a reward with variance, 4 completions a
-    process, logs every step), 3 steps: LoRA/base changes, the weight sync into vLLM, the logged metrics."""
-    tmp = tmp_path_factory.mktemp("vllm-weights")
-    args = [*vllm_seed_args(tiny_model, tmp / "run", 3), *FAST]
-    run(launch_cmd("tests/zero3_weight_check.py", [tmp / "report.json", *args]))
-    return json.loads((tmp / "report.json").read_text())
+def vllm_weight_report(fast_paths_runs):
+    """tests/zero3_weight_check.py's report of the fast-paths run (conftest.fast_paths_runs: the seed's vLLM flags,
+    the fast paths on as by default, 3 steps of 2 micro-batches, rewards with variance, logs every step): LoRA/base
+    changes, the weight sync into vLLM, the logged metrics."""
+    report = fast_paths_runs["fast"][0]["weights"]
+    assert report is not None, "the fast run recorded no weight report"
+    return report
 
 
 @pytest.mark.slow
