@@ -222,22 +222,23 @@ def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_mode
     assert completions["base"] != completions["adapter"], "the adapter changed vLLM's greedy completions"
 
 
-@pytest.mark.parametrize("gpu", [False, True])
-def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu(gpu):
-    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only (a fresh interpreter each)."""
+def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu():
+    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only: in one fresh interpreter (vLLM
+    imported once), with a GPU reported it leaves vLLM's method in place, then without one it replaces it."""
     from _tiny import REPO
 
     code = (
         "import sys, torch\n"
-        f"torch.cuda.is_available = lambda: {gpu}\n"
         "sys.path.insert(0, 'code/vlm-grpo')\n"
         "from vllm.v1.worker.cpu_worker import CPUWorker\n"
         "upstream = CPUWorker._get_autobind_cpu_ids\n"
         "from vllm_colocate import cpu_thread_binding_workaround\n"
-        "cpu_thread_binding_workaround()\n"
-        "patched = CPUWorker._get_autobind_cpu_ids\n"
-        "print('upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
+        "for gpu in (True, False):\n"
+        "    torch.cuda.is_available = lambda: gpu\n"
+        "    cpu_thread_binding_workaround()\n"
+        "    patched = CPUWorker._get_autobind_cpu_ids\n"
+        "    print(f'gpu={gpu}', 'upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
     )
     proc = _proc.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == ("upstream" if gpu else "replaced:all")
+    assert proc.stdout.strip().splitlines()[-2:] == ["gpu=True upstream", "gpu=False replaced:all"]
