@@ -61,6 +61,7 @@ from data import (  # noqa: E402
     survey_dataset,
     write_split_record,
 )
+from fit_check import check_fit  # noqa: E402
 from generation import vision_token_ban  # noqa: E402
 from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
 from resume import RESUME_MODES, resume_point  # noqa: E402
@@ -141,6 +142,15 @@ class VLMGRPOScriptArguments(ScriptArguments):
         default=False,
         metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
     )
+    gpu_memory_gb: float = field(
+        default=80,
+        metadata={
+            "help": "Memory of one GPU the job will run on, in GB as sold (80: H100, 141: H200). --dry_run estimates "
+            "the memory per GPU of this configuration on it (ZeRO-3 shards, LoRA and optimizer, activations, the "
+            "loss's logits, the vision tower, vLLM's pool), names the largest term, and refuses a configuration "
+            "predicted not to fit (fit_check.py; calibration in experiments/vlm-grpo/BENCHMARKS.md)."
+        },
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset filtering."})
     zero3_param_persistence_threshold: int | None = field(
         default=None,
@@ -204,6 +214,8 @@ class VLMGRPOScriptArguments(ScriptArguments):
             raise ConfigError(f"--image_policy must be one of {list(IMAGE_POLICIES)}, got {self.image_policy!r}")
         if self.max_image_side is not None and self.max_image_side < 0:
             raise ConfigError(f"--max_image_side must be >= 0 (0: no limit), got {self.max_image_side}")
+        if self.gpu_memory_gb <= 0:
+            raise ConfigError(f"--gpu_memory_gb must be > 0 (80 for an H100, 141 for an H200), got {self.gpu_memory_gb}")
 
 
 def make_parser() -> TrlParser:
@@ -523,6 +535,7 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     plan["vllm"] = vllm_colocate.check_vllm_limits(training_args, model_args, longest)
     if plan["vllm"] is not None and survey["images_per_row"]:  # what trainer.py gives vLLM (M12, vllm_colocate.py)
         plan["vllm"]["limit_mm_per_prompt"] = {"image": survey["images_per_row"]["max"]}
+    plan["fit"] = check_fit(script_args, training_args, model_args, survey)  # refuses a run that cannot fit
     plan["note"] = (
         f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
         "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
