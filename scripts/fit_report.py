@@ -240,38 +240,55 @@ def _smi_only_row(path: Path, raw: dict, config, facts_by_threshold) -> dict:
 # ---- the table ---------------------------------------------------------------------------------------------------
 
 
+# The guide's tuned flags (BENCHMARKS.md "What the tuned configuration changes"), beside the seed's.
+TUNED_FLAGS = dict(micro_batch=16, gradient_accumulation_steps=4)
+TUNED_PERSISTENCE = 5000000
+
+
 def table() -> dict:
     rows = []
     for name, spec in ARCHITECTURES.items():
         config = config_of(name)
-        facts = fit_check.model_facts(config, name=name, lora_target_modules=SEED_FLAGS["lora_target_modules"],
-                                      lora_r=SEED_FLAGS["lora_r"])
-        row = {"model": name, "source": spec["source"], "parameters": facts.parameters, "tied_head": facts.tied_head,
-               "prompt_tokens": seed_shape(name, 80, config).prompt_tokens, "cards": {}}
-        for gb in fit_check.CARDS_GB:
-            run = seed_shape(name, gb, config)
-            est = fit_check.estimate(facts, run)
-            fix = fit_check.make_it_fit(facts, run)
-            row["cards"][f"2x{gb}GB"] = {
-                "per_gpu_gib": round(est.total_gib, 1),
-                "largest_term": est.largest[0],
-                "largest_gib": round(est.largest[1], 1),
-                "fits": est.fits,
-                "tight": est.tight,
-                "pool_too_small": est.pool_too_small,
-                "make_it_fit": fit_check.flags_text(fix) if fix else ("" if fix == {} else "not with up to 8 GPUs"),
-            }
+        facts = {
+            "seed": fit_check.model_facts(config, name=name, lora_target_modules=SEED_FLAGS["lora_target_modules"],
+                                          lora_r=SEED_FLAGS["lora_r"]),
+            "tuned": fit_check.model_facts(config, name=name, lora_target_modules=SEED_FLAGS["lora_target_modules"],
+                                           lora_r=SEED_FLAGS["lora_r"], persistence_threshold=TUNED_PERSISTENCE),
+        }
+        row = {"model": name, "source": spec["source"], "parameters": facts["seed"].parameters,
+               "tied_head": facts["seed"].tied_head, "prompt_tokens": seed_shape(name, 80, config).prompt_tokens,
+               "configs": {}}
+        for label in ("seed", "tuned"):
+            row["configs"][label] = {}
+            for gb in fit_check.CARDS_GB:
+                run = seed_shape(name, gb, config)
+                if label == "tuned":
+                    run = replace(run, generation_batch=TUNED_FLAGS["micro_batch"] * TUNED_FLAGS["gradient_accumulation_steps"],
+                                  **TUNED_FLAGS)
+                est = fit_check.estimate(facts[label], run)
+                fix = fit_check.make_it_fit(facts[label], run)
+                row["configs"][label][f"2x{gb}GB"] = {
+                    "per_gpu_gib": round(est.total_gib, 1),
+                    "largest_term": est.largest[0],
+                    "largest_gib": round(est.largest[1], 1),
+                    "fits": est.fits,
+                    "tight": est.tight,
+                    "pool_too_small": est.pool_too_small,
+                    "make_it_fit": fit_check.flags_text(fix) if fix else ("" if fix == {} else "not with up to 8 GPUs"),
+                }
         rows.append(row)
     refused_run = seed_shape("Qwen2.5-VL-32B", 80)
     refused = fit_check.refusal(fit_check.estimate(facts_of("Qwen2.5-VL-32B"), refused_run))
     return {
-        "what": "the seed command's flags (2 GPUs, 8 completions per GPU of 1024 tokens, vLLM colocate at 0.3, LoRA "
-                f"r=16 on q_proj v_proj) for each architecture; prompt: a {TABLE_IMAGE_SIDE}-px image "
-                f"(--max_image_side's default) + {PROMPT_TEXT_TOKENS} text tokens; per-GPU estimate on 80 GB and "
-                "141 GB cards, and the smallest change that fits",
+        "what": "per-GPU estimate of each architecture on 2 GPUs of 80 GB and of 141 GB, and the smallest change that "
+                "fits. seed: the seed command's flags (8 completions per GPU of 1024 tokens in one micro-batch, vLLM "
+                "colocate at 0.3, LoRA r=16 on q_proj v_proj, gradient checkpointing); tuned: the guide's "
+                "--per_device_train_batch_size 16 --gradient_accumulation_steps 4 --zero3_param_persistence_threshold "
+                f"{TUNED_PERSISTENCE} on top. Prompt: a {TABLE_IMAGE_SIDE}-px image (--max_image_side's default) + "
+                f"{PROMPT_TEXT_TOKENS} text tokens",
         "command": "python scripts/fit_report.py --table",
         "rows": rows,
-        "refused": {"model": "Qwen2.5-VL-32B", "gpus": "2x80GB", "line": f"error: {refused}"},
+        "refused": {"model": "Qwen2.5-VL-32B", "gpus": "2x80GB", "config": "seed", "line": f"error: {refused}"},
     }
 
 

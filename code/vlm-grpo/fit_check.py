@@ -20,13 +20,14 @@ the parameters counted on PyTorch's meta device: no weights, no memory) and the 
   generation (transformers)    without vLLM TRL gathers the whole model on every GPU to generate (ZeRO-3's
                                ds3_gather_for_generation), plus the KV cache of the generation batch
   vLLM pool                    --vllm_gpu_memory_utilization x the card, with --use_vllm --vllm_mode colocate
-  CUDA context and NCCL        2 GiB (nvidia-smi minus torch's reserved memory: 1.6-2.2 GiB in the bench runs)
+  CUDA context and NCCL        2.2 GiB (nvidia-smi's peak minus torch's reserved: 2.05-2.16 GiB in the bench runs)
 
 The vision tower, the loss (activations + logits) and transformers generation peak at different moments of a
 step, so the estimate counts the largest of the three; the rest is held throughout. Calibrated against every
 measured peak in experiments/vlm-grpo/bench-results/ (scripts/fit_report.py --calibration writes
 fit-calibration.json; BENCHMARKS.md "Will it fit" has the table and how far to trust it). What it leaves out: the
-allocator's cache above the allocated peak (5-15 GiB in the bench runs: hence the warning within 10 % of the card),
+allocator's cache above the allocated peak (5.8-15.3 GiB in the bench runs; PyTorch frees it before it runs out,
+but fragmentation can still fail a run: hence the warning within 10 % of the card),
 and vLLM's own activation reserve beyond a flat 2 GiB, which is not measured on GPUs.
 """
 
@@ -45,7 +46,7 @@ BF16 = 2
 FP32 = 4
 MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default (accelerate leaves it)
 LORA_BYTES_PER_PARAMETER = 18  # bf16 weight 2 + fp32 master 4 + fp32 gradient 4 + Adam moments 8
-CUDA_CONTEXT_GIB = 2.0
+CUDA_CONTEXT_GIB = 2.2  # nvidia-smi's peak minus torch's reserved peak: 2.05-2.16 GiB a GPU in bench calls 1-5
 VLLM_RESERVE_GIB = 2.0  # vLLM's activation profile and CUDA graphs beside weights and KV cache: assumed, not measured
 WARN_FRACTION = 0.9  # warn when the estimate is within 10 % of the card
 CARDS_GB = (80, 141)  # H100 80 GB, H200 141 GB: the dry run prints both
@@ -207,23 +208,29 @@ def make_it_fit(facts: ModelFacts, run: RunShape, max_processes: int = 8) -> dic
 
 
 def _candidates(facts: ModelFacts, run: RunShape, max_processes: int):
+    """Runs to try, in order of preference: fewest GPUs, then the largest micro-batch, then the lowest vLLM tensor
+    parallelism, with --vllm_gpu_memory_utilization raised where its pool cannot hold the weights and KV cache."""
+    colocate = run.generation == "vllm-colocate"
+    completions = run.micro_batch * run.processes * run.gradient_accumulation_steps  # per optimizer step, kept
     procs = run.processes
     while procs <= max_processes:
-        colocate = run.generation == "vllm-colocate"
-        for tp in [t for t in (1, 2, 4, 8) if t <= procs and procs % t == 0] if colocate else [1]:
-            util = vllm_utilization_needed(facts, run, tp) if colocate else run.vllm_gpu_memory_utilization
-            if util >= 0.95:
-                continue
-            mb = run.micro_batch
-            while mb >= 1:
-                # the same completions per optimizer step (more when more GPUs each take at least one)
-                completions = run.micro_batch * run.processes * run.gradient_accumulation_steps
-                accumulate = max(1, completions // (mb * procs))
-                yield replace(run, processes=procs, vllm_tensor_parallel_size=tp, vllm_gpu_memory_utilization=util,
-                              micro_batch=mb, gradient_accumulation_steps=accumulate)
-                if mb % 2:
-                    break
-                mb //= 2
+        # TRL generates one optimizer step's completions at once (steps_per_generation = accumulation)
+        generation = max(1, run.generation_batch * run.processes // procs)
+        mb = max(1, min(run.micro_batch, completions // procs))  # more GPUs: fewer completions each
+        while mb >= 1:
+            accumulate = max(1, completions // (mb * procs))
+            for tp in [t for t in (1, 2, 4, 8) if t <= procs and procs % t == 0] if colocate else [1]:
+                candidate = replace(run, processes=procs, micro_batch=mb, gradient_accumulation_steps=accumulate,
+                                    generation_batch=generation, vllm_tensor_parallel_size=tp)
+                if colocate:  # raised only as far as vLLM needs, never lowered: the pool's headroom is the user's
+                    util = max(run.vllm_gpu_memory_utilization, vllm_utilization_needed(facts, candidate, tp))
+                    if util >= 0.95:
+                        continue
+                    candidate = replace(candidate, vllm_gpu_memory_utilization=util)
+                yield candidate
+            if mb % 2:
+                break
+            mb //= 2
         procs *= 2
 
 
@@ -446,6 +453,6 @@ def check_fit(script_args, training_args, model_args, survey: dict | None) -> di
     if not est.fits:
         raise ConfigError(refusal(est))
     if est.tight:
-        logger.warning("fit check: %s; the allocator's cache above the allocated peak (5-15 GiB in the bench runs) "
-                       "may not fit: consider %s", verdict_line(est), REMEDIES[est.largest[0]])
+        logger.warning("fit check: %s; fragmentation of the allocator's cache (5.8-15.3 GiB above the allocated "
+                       "peak in the bench runs) may not leave room: consider %s", verdict_line(est), REMEDIES[est.largest[0]])
     return report
