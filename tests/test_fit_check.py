@@ -300,3 +300,17 @@ def test_fit_table_raw_file_is_what_fit_report_writes_today(table):
     assert fresh == table
     assert math.isclose(fresh["rows"][0]["parameters"], PUBLISHED["Qwen2-VL-2B"][0])
     assert re.search(r"fit_report\.py --table", GUIDE.read_text())
+
+
+def test_benchmarks_prose_quotes_the_calibration():
+    """The range, the count of low estimates and the nvidia-smi-only gap BENCHMARKS.md states are the raw file's."""
+    rows = json.loads(CALIBRATION.read_text())["rows"]
+    allocated = [r for r in rows if r["measured_allocated_gib"] is not None]
+    errors = [r["error_pct"] for r in allocated]
+    text = _flat(BENCHMARKS.read_text())
+    assert f"−{abs(min(errors)):.1f} % to +{max(errors):.1f} %" in text
+    assert f"low in {sum(e < 0 for e in errors)} of the {len(errors)}" in text
+    smi = next(r for r in rows if r["measured_allocated_gib"] is None)
+    assert f"estimate plus the CUDA context is {abs(smi['error_pct']):.1f} % under" in text
+    gaps = [r["measured_reserved_gib"] - r["measured_allocated_gib"] for r in allocated]
+    assert f"Reserved minus allocated was {min(gaps):.1f}-{max(gaps):.1f} GiB" in text
