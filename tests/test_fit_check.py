@@ -314,3 +314,21 @@ def test_benchmarks_prose_quotes_the_calibration():
     assert f"estimate plus the CUDA context is {abs(smi['error_pct']):.1f} % under" in text
     gaps = [r["measured_reserved_gib"] - r["measured_allocated_gib"] for r in allocated]
     assert f"Reserved minus allocated was {min(gaps):.1f}-{max(gaps):.1f} GiB" in text
+
+
+def test_facts_are_counted_while_zero3_is_registered():
+    """Under `accelerate launch` the trainer's ZeRO-3 config is registered with transformers before the dry run's
+    check: the count must still build the model on the meta device, not inside deepspeed.zero.Init (which failed
+    `make dry-run` with an IndexError in _init_weights before fit_check._without_zero3_init)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        facts = fit_check.model_facts(fit_report.config_of("Qwen2.5-VL-3B"), lora_target_modules=["q_proj", "v_proj"])
+        assert facts.parameters == PUBLISHED["Qwen2.5-VL-3B"][0]
+        assert is_deepspeed_zero3_enabled()  # put back for the trainer
+    finally:
+        unset_hf_deepspeed_config()
+    del registered

@@ -33,6 +33,7 @@ and vLLM's own activation reserve beyond a flat 2 GiB, which is not measured on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -315,7 +316,7 @@ def model_facts(config, name: str | None = None, lora_target_modules=None, lora_
 
     text = config.get_text_config()
     vision = config.vision_config
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         model = AutoModelForImageTextToText.from_config(config)
     params = dict(model.named_parameters())  # a tied head appears once
     total = sum(p.numel() for p in params.values())
@@ -348,6 +349,22 @@ def model_facts(config, name: str | None = None, lora_target_modules=None, lora_
         patches_per_token=vision.spatial_merge_size**2,
         tied_head=tied,
     )
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under `accelerate launch` with ZeRO-3 the trainer's DeepSpeed config is already registered with transformers
+    (zero3.configure_zero3), and from_config would then build the model inside deepspeed.zero.Init, which partitions
+    real tensors and fails on meta ones (`IndexError: index ... out of bounds for dimension 0 with size 0` in
+    _init_weights). The count needs no partitioning: the registration is lifted for the build and put back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _lora_parameters(model, targets, r: int) -> int:
