@@ -12,9 +12,10 @@ the parameters counted on PyTorch's meta device: no weights, no memory) and the 
                                split over the processes (18 bytes a parameter)
   activations                  with gradient checkpointing: each decoder layer's input, micro-batch x tokens x
                                hidden x bf16; without it, every layer's saved tensors (~8 hidden + 4 MLP widths)
-  logits of the loss batch     micro-batch x completion tokens x vocabulary x fp32 x 2: TRL's loss forward keeps
-                               the bf16 logits and the log-softmax of each row (selective_log_softmax, bf16 input),
-                               and the backward adds two more bf16 copies of that size (measured in bench call 5)
+  logits of the loss batch     micro-batch x completion tokens x vocabulary x fp32 x 2, i.e. four bf16 copies: TRL's
+                               loss forward keeps the log-softmax of each row (selective_log_softmax on bf16
+                               logits), and the backward adds three more of that size (bench call 5: 6.96 GiB above
+                               its start per 8 sequences of 1,024 completion tokens, 2.32 GiB a copy)
   vision tower activations     the micro-batch's image patches x (8 vision widths + 3 MLP widths) x bf16: the frozen
                                tower saves nothing for backward, this is its working set while it runs
   generation (transformers)    without vLLM TRL gathers the whole model on every GPU to generate (ZeRO-3's
@@ -25,7 +26,8 @@ the parameters counted on PyTorch's meta device: no weights, no memory) and the 
 The vision tower, the loss (activations + logits) and transformers generation peak at different moments of a
 step, so the estimate counts the largest of the three; the rest is held throughout. Calibrated against every
 measured peak in experiments/vlm-grpo/bench-results/ (scripts/fit_report.py --calibration writes
-fit-calibration.json; BENCHMARKS.md "Will it fit" has the table and how far to trust it). What it leaves out: the
+fit-calibration.json; BENCHMARKS.md "The fit check against every measured peak" has the table and how far to trust
+it). What it leaves out: the
 allocator's cache above the allocated peak (5.8-15.3 GiB in the bench runs; PyTorch frees it before it runs out,
 but fragmentation can still fail a run: hence the warning within 10 % of the card),
 and vLLM's own activation reserve beyond a flat 2 GiB, which is not measured on GPUs.
@@ -36,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from config_error import ConfigError
 
@@ -91,7 +93,7 @@ class RunShape:
     """The run's flags, as far as memory goes."""
 
     processes: int
-    gpu_memory_gib: float
+    gpu_memory_gib: float  # --gpu_memory_gb taken as GiB: an "80 GB" H100 reports 79.6 GiB, 0.4 % less
     micro_batch: int  # --per_device_train_batch_size: completions in one loss forward
     prompt_tokens: int  # the longest prompt (image tokens included): TRL pads a micro-batch to it
     completion_tokens: int  # --max_completion_length
@@ -111,8 +113,7 @@ class Estimate:
     terms: dict[str, float]  # GiB; the three phase terms are all listed, only the largest counts in the total
     phase: str  # the phase term that counts
     total_gib: float
-    vllm_weights_gib: float = 0.0  # what vLLM's pool must hold besides KV (weights per GPU + reserve)
-    notes: list[str] = field(default_factory=list)
+    vllm_weights_gib: float = 0.0  # what vLLM's pool must hold to start: weights per GPU, reserve, one sequence's KV
 
     @property
     def counted(self) -> dict[str, float]:
@@ -192,9 +193,9 @@ def vllm_utilization_needed(facts: ModelFacts, run: RunShape, tensor_parallel: i
 
 
 def make_it_fit(facts: ModelFacts, run: RunShape, max_processes: int = 8) -> dict | None:
-    """The smallest change that fits: fewest GPUs, then the lowest vLLM tensor parallelism, then the largest
-    micro-batch (gradient accumulation set to keep the completions per optimizer step); a change that leaves 10 % of the
-    card free is preferred to one that does not. {} when the run fits as it is; None when nothing up to
+    """The smallest change that fits (`_candidates`' order: fewest GPUs, then the largest micro-batch, then the lowest
+    vLLM tensor parallelism; the completions per optimizer step kept); a change that leaves 10 % of the card free is
+    preferred to one that does not. {} when the run fits as it is; None when nothing up to
     `max_processes` GPUs does."""
     if estimate(facts, run).fits:
         return {}
@@ -296,9 +297,10 @@ def verdict_line(est: Estimate) -> str:
 def refusal(est: Estimate) -> str:
     """The one-line refusal of a run predicted not to fit: the verdict, then the two flags (with values where a
     search finds a change that fits)."""
-    remedy = REMEDIES[VLLM_POOL if est.pool_too_small else est.largest[0]]
     if est.pool_too_small:
         remedy = "a higher --vllm_tensor_parallel_size or --vllm_gpu_memory_utilization"
+    else:
+        remedy = REMEDIES[est.largest[0]]
     found = make_it_fit(est.facts, est.run)
     fix = f"; e.g. {flags_text(found)}" if found else ""
     return f"{verdict_line(est)}. Try {remedy}{fix} (fit check, --gpu_memory_gb {est.run.gpu_memory_gib:g})"
@@ -437,13 +439,17 @@ def check_fit(script_args, training_args, model_args, survey: dict | None) -> di
     from vllm_colocate import model_config
 
     config = model_config(model_args)
-    facts = model_facts(
-        config,
-        name=model_args.model_name_or_path,
-        lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
-        lora_r=model_args.lora_r,
-        persistence_threshold=script_args.zero3_param_persistence_threshold,
-    )
+    try:
+        facts = model_facts(
+            config,
+            name=model_args.model_name_or_path,
+            lora_target_modules=model_args.lora_target_modules if model_args.use_peft else None,
+            lora_r=model_args.lora_r,
+            persistence_threshold=script_args.zero3_param_persistence_threshold,
+        )
+    except (AttributeError, KeyError, ValueError) as err:  # not a vision-language config transformers can build
+        logger.warning("fit check skipped: %s cannot be sized from its config (%s)", model_args.model_name_or_path, err)
+        return {"skipped": str(err)}
     card = script_args.gpu_memory_gb
     est = estimate(facts, run_shape(script_args, training_args, model_args, survey, card))
     report = {
