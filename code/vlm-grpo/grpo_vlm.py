@@ -26,7 +26,8 @@ same ZeRO-3 settings come from the DeepSpeed JSON instead of the accelerate yaml
     torchrun --nnodes 2 --nproc_per_node 8 ... code/vlm-grpo/grpo_vlm.py \\
         --deepspeed code/vlm-grpo/deepspeed_zero3.json <the arguments above>
 
-Add `--dry_run` to either to check arguments, data, processor and batch arithmetic without loading weights.
+Add `--dry_run` to either to check arguments, data, processor, batch arithmetic and the memory per GPU (`--gpu_memory_gb`)
+without loading weights.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class VLMGRPOScriptArguments(ScriptArguments):
     )
     dry_run: bool = field(
         default=False,
-        metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
+        metadata={"help": "Validate arguments, data, processor, batch arithmetic and the memory per GPU (see "
+                          "--gpu_memory_gb), print the plan, load no weights."},
     )
     gpu_memory_gb: float = field(
         default=80,
@@ -502,8 +504,8 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
     """Prepare the first rows for real, survey every row from its image header (sizes, image tokens, prompt lengths,
-    rows kept under each --image_policy), check the processor and the batch arithmetic; print the plan. Loads no
-    model weights."""
+    rows kept under each --image_policy), check the processor, the batch arithmetic and the memory per GPU (fit_check.py);
+    print the plan. Loads no model weights."""
     checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
     check_reward_funcs(script_args.reward_funcs, get_reward_funcs(script_args.reward_funcs), checked[0])
     raw, _ = load_source(script_args, training_args)
