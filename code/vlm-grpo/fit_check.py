@@ -36,6 +36,7 @@ and vLLM's own activation reserve beyond a flat 2 GiB, which is not measured on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -311,35 +312,29 @@ def refusal(est: Estimate) -> str:
 
 def model_facts(config, name: str | None = None, lora_target_modules=None, lora_r: int = 16,
                 persistence_threshold: int | None = None) -> ModelFacts:
-    """Count the model's parameters on the meta device (nothing allocated, ~1 s for a 32B) from its config, as
-    transformers builds it: Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
+    """The estimate's facts about a model, from its config: parameters counted as transformers builds it (Qwen2-VL,
+    Qwen2.5-VL and Qwen3-VL alike), sizes read from the text and vision configs."""
     text = config.get_text_config()
     vision = config.vision_config
-    with torch.device("meta"), _without_zero3_init():
-        model = AutoModelForImageTextToText.from_config(config)
-    params = dict(model.named_parameters())  # a tied head appears once
-    total = sum(p.numel() for p in params.values())
+    census = _census(config.to_json_string(use_diff=False))
     if persistence_threshold is None:
         persistence_threshold = 10 * text.hidden_size  # accelerate's "auto" (transformers' deepspeed integration)
-    persistent = sum(p.numel() for p in params.values() if p.numel() < persistence_threshold)
-    largest_tensor = max(p.numel() for p in params.values())
-    blocks = [m for n, m in model.named_modules() if n.endswith(("layers", "blocks")) and isinstance(m, torch.nn.ModuleList)]
-    largest_layer = max(sum(p.numel() for p in block.parameters()) for blocks_ in blocks for block in blocks_)
-    gathered = max(min(MAX_LIVE_PARAMETERS, total), largest_layer + largest_tensor)
-    lora = _lora_parameters(model, lora_target_modules, lora_r)
+    total = sum(census["sizes"])
+    if not lora_target_modules:
+        lora = 0
+    elif lora_target_modules in ("all-linear", ["all-linear"]):  # PEFT's keyword: every Linear but the output head
+        lora = sum(lora_r * (i + o) for name, i, o in census["linears"] if name != census["head"])
+    else:  # PEFT's rule: a target matches a whole dotted component at the end of the module's name
+        lora = sum(lora_r * (i + o) for name, i, o in census["linears"]
+                   if any(name == t or name.endswith("." + t) for t in lora_target_modules))
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     vision_hidden = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL: embed_dim is the tower's width
     vision_mlp = getattr(vision, "intermediate_size", None) or vision_hidden * getattr(vision, "mlp_ratio", 4)
-    del model
     return ModelFacts(
         name=name or getattr(config, "_name_or_path", "") or config.model_type,
         parameters=total,
-        persistent_parameters=persistent,
-        gathered_parameters=gathered,
+        persistent_parameters=sum(n for n in census["sizes"] if n < persistence_threshold),
+        gathered_parameters=max(min(MAX_LIVE_PARAMETERS, total), census["largest_layer"] + max(census["sizes"])),
         lora_parameters=lora,
         hidden_size=text.hidden_size,
         num_layers=text.num_hidden_layers,
@@ -349,8 +344,32 @@ def model_facts(config, name: str | None = None, lora_target_modules=None, lora_
         vision_hidden_size=vision_hidden,
         vision_intermediate_size=int(vision_mlp),
         patches_per_token=vision.spatial_merge_size**2,
-        tied_head=tied,
+        tied_head=census["tied"],
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _census(config_json: str) -> dict:
+    """Build the model on the meta device (nothing allocated, ~1 s for a 32B) and note what the facts need: every
+    parameter's size (a tied head once), the largest decoder layer or vision block, every Linear's name and shape."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    spec = json.loads(config_json)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("meta"), _without_zero3_init():
+        model = AutoModelForImageTextToText.from_config(config)
+    blocks = [m for n, m in model.named_modules() if n.endswith(("layers", "blocks")) and isinstance(m, torch.nn.ModuleList)]
+    head = model.get_output_embeddings()
+    return {
+        "sizes": [p.numel() for p in model.parameters()],
+        "largest_layer": max(sum(p.numel() for p in block.parameters()) for group in blocks for block in group),
+        "linears": [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)],
+        "head": next(n for n, m in model.named_modules() if m is head),
+        "tied": head.weight is model.get_input_embeddings().weight,
+    }
 
 
 @contextlib.contextmanager
@@ -367,27 +386,6 @@ def _without_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def _lora_parameters(model, targets, r: int) -> int:
-    """LoRA's A and B matrices on every Linear PEFT would adapt: name matches a target as a whole dotted component
-    (PEFT's suffix rule), or every Linear but the output head for "all-linear"."""
-    import torch
-
-    if not targets:
-        return 0
-    head = model.get_output_embeddings()
-    total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if targets == "all-linear" or targets == ["all-linear"]:
-            match = module is not head
-        else:
-            match = any(name == t or name.endswith("." + t) for t in targets)
-        if match:
-            total += r * (module.in_features + module.out_features)
-    return total
 
 
 def tokens_per_image_side(config, side: int) -> int:
