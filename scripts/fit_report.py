@@ -47,7 +47,8 @@ ARCHITECTURES = {
                     vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584,
                                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2))),
     "Qwen2.5-VL-3B": dict(
-        source="Qwen/Qwen2.5-VL-3B-Instruct config.json (scripts/make_tiny_model.py --preset 3b, the benchmarks' model)",
+        source="Qwen/Qwen2.5-VL-3B-Instruct config.json (scripts/make_tiny_model.py --preset 3b, the benchmarks' "
+               "model)",
         config=dict(model_type="qwen2_5_vl", tie_word_embeddings=True,
                     text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                      num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
@@ -231,8 +232,8 @@ def _smi_only_row(path: Path, raw: dict, config, facts_by_threshold) -> dict:
         "error_pct": round(100 * (with_context - smi) / smi, 1),
         "peak_phase": est.phase,
         "terms_gib": {k: round(v, 2) for k, v in est.counted.items() if k != fit_check.VLLM_POOL},
-        "note": "only nvidia-smi's peak was recorded: compared with the estimate plus the CUDA context; the allocator's "
-                "cache, which nvidia-smi also counts, is not in the estimate. Prompt tokens assumed: "
+        "note": "only nvidia-smi's peak was recorded: compared with the estimate plus the CUDA context; the "
+                "allocator's cache, which nvidia-smi also counts, is not in the estimate. Prompt tokens assumed: "
                 f"{PROMPT_TEXT_TOKENS} text + {image} image (112-px synthetic images)",
     }
 
@@ -263,8 +264,8 @@ def table() -> dict:
             for gb in fit_check.CARDS_GB:
                 run = seed_shape(name, gb, config)
                 if label == "tuned":
-                    run = replace(run, generation_batch=TUNED_FLAGS["micro_batch"] * TUNED_FLAGS["gradient_accumulation_steps"],
-                                  **TUNED_FLAGS)
+                    batch = TUNED_FLAGS["micro_batch"] * TUNED_FLAGS["gradient_accumulation_steps"]
+                    run = replace(run, generation_batch=batch, **TUNED_FLAGS)
                 est = fit_check.estimate(facts[label], run)
                 fix = fit_check.make_it_fit(facts[label], run)
                 row["configs"][label][f"2x{gb}GB"] = {

@@ -309,6 +309,7 @@ def test_benchmarks_prose_quotes_the_calibration():
     errors = [r["error_pct"] for r in allocated]
     text = _flat(BENCHMARKS.read_text())
     assert f"−{abs(min(errors)):.1f} % to +{max(errors):.1f} %" in text
+    assert f"−{abs(min(errors)):.1f} % to +{max(errors):.1f} % of every peak measured on the 3B" in _flat(GUIDE.read_text())
     assert f"low in {sum(e < 0 for e in errors)} of the {len(errors)}" in text
     smi = next(r for r in rows if r["measured_allocated_gib"] is None)
     assert f"estimate plus the CUDA context is {abs(smi['error_pct']):.1f} % under" in text

@@ -174,7 +174,8 @@ def estimate(facts: ModelFacts, run: RunShape) -> Estimate:
     if run.generation == "vllm-colocate":
         terms[VLLM_POOL] = run.vllm_gpu_memory_utilization * run.gpu_memory_gib
         # vLLM refuses to start when its pool cannot hold the weights, its reserve and one longest sequence's KV cache
-        vllm_weights = (facts.parameters * BF16 / run.vllm_tensor_parallel_size + tokens * facts.kv_bytes_per_token) / GIB
+        weights = facts.parameters * BF16 / run.vllm_tensor_parallel_size
+        vllm_weights = (weights + tokens * facts.kv_bytes_per_token) / GIB
         vllm_weights += VLLM_RESERVE_GIB
     terms[CONTEXT] = CUDA_CONTEXT_GIB
     phases = {"loss": sum(v for k, v in terms.items() if k in (LOGITS, ACTIVATIONS, ACTIVATIONS_FULL)),
@@ -264,7 +265,8 @@ REMEDIES = {
     SHARDS: "more GPUs (make flexai-train ACCELS=4, or accelerate launch --num_processes) or offload_param_device: cpu "
             "in code/vlm-grpo/deepspeed_zero3.yaml",
     PERSISTENT: "a lower --zero3_param_persistence_threshold or more GPUs (make flexai-train ACCELS=4)",
-    GATHERED: "more GPUs (make flexai-train ACCELS=4) or offload_param_device: cpu in code/vlm-grpo/deepspeed_zero3.yaml",
+    GATHERED: "more GPUs (make flexai-train ACCELS=4) or offload_param_device: cpu in "
+              "code/vlm-grpo/deepspeed_zero3.yaml",
     LORA: "a smaller --lora_r or fewer --lora_target_modules",
     ACTIVATIONS: "a smaller --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the batch) or "
                  "a smaller --max_image_side",
@@ -282,12 +284,12 @@ def verdict_line(est: Estimate) -> str:
     """One line: the estimate on the card, its largest term, and the verdict."""
     run = est.run
     name, gib = est.largest
-    head = (f"{est.facts.name}: {est.total_gib:.1f} GiB per GPU predicted on {run.processes} x {run.gpu_memory_gib:g} GB "
-            f"(largest term: {name} {gib:.1f} GiB)")
+    head = (f"{est.facts.name}: {est.total_gib:.1f} GiB per GPU predicted on {run.processes} x "
+            f"{run.gpu_memory_gib:g} GB (largest term: {name} {gib:.1f} GiB)")
     if est.pool_too_small:
         return (f"{head}; vLLM's pool ({est.terms[VLLM_POOL]:.1f} GiB = {run.vllm_gpu_memory_utilization:g} x "
-                f"{run.gpu_memory_gib:g}) cannot hold its weights and reserve ({est.vllm_weights_gib:.1f} GiB per GPU at "
-                f"--vllm_tensor_parallel_size {run.vllm_tensor_parallel_size})")
+                f"{run.gpu_memory_gib:g}) cannot hold its weights and reserve ({est.vllm_weights_gib:.1f} GiB per "
+                f"GPU at --vllm_tensor_parallel_size {run.vllm_tensor_parallel_size})")
     if not est.fits:
         return f"{head}: over the card"
     if est.tight:
@@ -361,13 +363,14 @@ def _census(config_json: str) -> dict:
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     with torch.device("meta"), _without_zero3_init():
         model = AutoModelForImageTextToText.from_config(config)
-    blocks = [m for n, m in model.named_modules() if n.endswith(("layers", "blocks")) and isinstance(m, torch.nn.ModuleList)]
+    modules = list(model.named_modules())
+    blocks = [m for n, m in modules if n.endswith(("layers", "blocks")) and isinstance(m, torch.nn.ModuleList)]
     head = model.get_output_embeddings()
     return {
         "sizes": [p.numel() for p in model.parameters()],
         "largest_layer": max(sum(p.numel() for p in block.parameters()) for group in blocks for block in group),
-        "linears": [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)],
-        "head": next(n for n, m in model.named_modules() if m is head),
+        "linears": [(n, m.in_features, m.out_features) for n, m in modules if isinstance(m, torch.nn.Linear)],
+        "head": next(n for n, m in modules if m is head),
         "tied": head.weight is model.get_input_embeddings().weight,
     }
 
@@ -407,7 +410,8 @@ def run_shape(script_args, training_args, model_args, survey: dict | None, gpu_m
     image_tokens = 0
     if survey:
         prompt = (survey["prompt_tokens"].get(policy) or {}).get("max")
-        image_tokens = (survey["image_tokens"].get("downscale" if policy == "downscale" else "original") or {}).get("max") or 0
+        tokens = survey["image_tokens"].get("downscale" if policy == "downscale" else "original") or {}
+        image_tokens = tokens.get("max") or 0
     if prompt is None or (script_args.max_prompt_length and prompt > script_args.max_prompt_length):
         prompt = script_args.max_prompt_length or 0  # rows longer than it are dropped before training
     if training_args.use_vllm:
@@ -475,5 +479,6 @@ def check_fit(script_args, training_args, model_args, survey: dict | None) -> di
         raise ConfigError(refusal(est))
     if est.tight:
         logger.warning("fit check: %s; fragmentation of the allocator's cache (5.8-15.3 GiB above the allocated "
-                       "peak in the bench runs) may not leave room: consider %s", verdict_line(est), REMEDIES[est.largest[0]])
+                       "peak in the bench runs) may not leave room: consider %s", verdict_line(est),
+                       REMEDIES[est.largest[0]])
     return report

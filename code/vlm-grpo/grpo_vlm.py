@@ -26,8 +26,8 @@ same ZeRO-3 settings come from the DeepSpeed JSON instead of the accelerate yaml
     torchrun --nnodes 2 --nproc_per_node 8 ... code/vlm-grpo/grpo_vlm.py \\
         --deepspeed code/vlm-grpo/deepspeed_zero3.json <the arguments above>
 
-Add `--dry_run` to either to check arguments, data, processor, batch arithmetic and the memory per GPU (`--gpu_memory_gb`)
-without loading weights.
+Add `--dry_run` to either to check arguments, data, processor, batch arithmetic and the memory per GPU
+(`--gpu_memory_gb`) without loading weights.
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ class VLMGRPOScriptArguments(ScriptArguments):
         if self.max_image_side is not None and self.max_image_side < 0:
             raise ConfigError(f"--max_image_side must be >= 0 (0: no limit), got {self.max_image_side}")
         if self.gpu_memory_gb <= 0:
-            raise ConfigError(f"--gpu_memory_gb must be > 0 (80 for an H100, 141 for an H200), got {self.gpu_memory_gb}")
+            raise ConfigError(f"--gpu_memory_gb must be > 0 (80 for an H100, 141 for an H200), "
+                              f"got {self.gpu_memory_gb}")
 
 
 def make_parser() -> TrlParser:
