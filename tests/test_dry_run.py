@@ -76,6 +76,11 @@ def test_dry_run_with_the_seed_flags_prints_the_plan(seed_dry_run):
     assert plan["output_dir"] == str(out / "run")
     assert plan["resume_from_checkpoint"] is None
     assert not (out / "run").exists()  # a dry run writes nothing
+    fit = plan["fit"]  # the memory check (fit_check.py; its arithmetic: tests/test_fit_check.py)
+    assert fit["gpu_memory_gb"] == 80 and fit["processes"] == 1
+    assert set(fit["cards"]) == {"1x80GB", "1x141GB", "2x80GB", "2x141GB"}  # the seed's 2 GPUs too
+    assert all(card["fits"] for card in fit["cards"].values())
+    assert fit["largest_term"] == "CUDA context and NCCL"  # the tiny model weighs next to nothing
 
 
 def test_dry_run_loads_no_weights(seed_dry_run, weightless_model):
@@ -280,6 +285,7 @@ def test_dry_run_checks_the_vllm_command_on_a_machine_without_vllm(run_script, w
     assert vllm["model_context"] == 4096  # the tiny model's max_position_embeddings (scripts/make_tiny_model.py)
     assert vllm["max_num_batched_tokens"] == 4096
     assert vllm["longest_prompt"] == plan["data"]["prompt_tokens"]["downscale"]["max"] <= 2048
+    assert plan["fit"]["terms_gib"]["vLLM's pool"] == 24.0  # TRL's 0.3 of the default --gpu_memory_gb 80
     assert plan["checked_rows"] == "kept 16/16 rows (dropped: none)"
 
 
@@ -323,6 +329,7 @@ def test_make_dry_run_checks_the_jobs_own_command_with_its_processes(weightless_
         assert plan["train_rows"] == 15 and plan["steps"] == 23  # ceil(3 epochs x 15 prompts / 2 per step)
         assert plan["generation"] == "vLLM colocate"
         assert plan["output_dir"] == "/output-checkpoint/grpo-tiny"
+        assert set(plan["fit"]["cards"]) == {"2x80GB", "2x141GB"}  # the job's 2 GPUs on both cards (fit_check.py)
     assert not Path("/output-checkpoint/grpo-tiny").exists()  # a dry run writes nothing
 
 

@@ -26,7 +26,8 @@ same ZeRO-3 settings come from the DeepSpeed JSON instead of the accelerate yaml
     torchrun --nnodes 2 --nproc_per_node 8 ... code/vlm-grpo/grpo_vlm.py \\
         --deepspeed code/vlm-grpo/deepspeed_zero3.json <the arguments above>
 
-Add `--dry_run` to either to check arguments, data, processor and batch arithmetic without loading weights.
+Add `--dry_run` to either to check arguments, data, processor, batch arithmetic and the memory per GPU
+(`--gpu_memory_gb`) without loading weights.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from data import (  # noqa: E402
     survey_dataset,
     write_split_record,
 )
+from fit_check import check_fit  # noqa: E402
 from generation import vision_token_ban  # noqa: E402
 from path_checks import PathError, check_model_path, check_output_dir, model_load_error, output_dir_problem  # noqa: E402
 from resume import RESUME_MODES, resume_point  # noqa: E402
@@ -139,7 +141,17 @@ class VLMGRPOScriptArguments(ScriptArguments):
     )
     dry_run: bool = field(
         default=False,
-        metadata={"help": "Validate arguments, data, processor and batch arithmetic, print the plan, load no weights."},
+        metadata={"help": "Validate arguments, data, processor, batch arithmetic and the memory per GPU (see "
+                          "--gpu_memory_gb), print the plan, load no weights."},
+    )
+    gpu_memory_gb: float = field(
+        default=80,
+        metadata={
+            "help": "Memory of one GPU the job will run on, in GB as sold (80: H100, 141: H200). --dry_run estimates "
+            "the memory per GPU of this configuration on it (ZeRO-3 shards, LoRA and optimizer, activations, the "
+            "loss's logits, the vision tower, vLLM's pool), names the largest term, and refuses a configuration "
+            "predicted not to fit (fit_check.py; calibration in experiments/vlm-grpo/BENCHMARKS.md)."
+        },
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset filtering."})
     zero3_param_persistence_threshold: int | None = field(
@@ -204,6 +216,9 @@ class VLMGRPOScriptArguments(ScriptArguments):
             raise ConfigError(f"--image_policy must be one of {list(IMAGE_POLICIES)}, got {self.image_policy!r}")
         if self.max_image_side is not None and self.max_image_side < 0:
             raise ConfigError(f"--max_image_side must be >= 0 (0: no limit), got {self.max_image_side}")
+        if self.gpu_memory_gb <= 0:
+            raise ConfigError(f"--gpu_memory_gb must be > 0 (80 for an H100, 141 for an H200), "
+                              f"got {self.gpu_memory_gb}")
 
 
 def make_parser() -> TrlParser:
@@ -490,8 +505,8 @@ def build_trainer(script_args, training_args, model_args, processor, train_datas
 
 def dry_run(script_args, training_args, model_args, processor) -> dict:
     """Prepare the first rows for real, survey every row from its image header (sizes, image tokens, prompt lengths,
-    rows kept under each --image_policy), check the processor and the batch arithmetic; print the plan. Loads no
-    model weights."""
+    rows kept under each --image_policy), check the processor, the batch arithmetic and the memory per GPU (fit_check.py);
+    print the plan. Loads no model weights."""
     checked, _, stats = load_datasets(script_args, training_args, processor, limit=32)
     check_reward_funcs(script_args.reward_funcs, get_reward_funcs(script_args.reward_funcs), checked[0])
     raw, _ = load_source(script_args, training_args)
@@ -523,6 +538,7 @@ def dry_run(script_args, training_args, model_args, processor) -> dict:
     plan["vllm"] = vllm_colocate.check_vllm_limits(training_args, model_args, longest)
     if plan["vllm"] is not None and survey["images_per_row"]:  # what trainer.py gives vLLM (M12, vllm_colocate.py)
         plan["vllm"]["limit_mm_per_prompt"] = {"image": survey["images_per_row"]["max"]}
+    plan["fit"] = check_fit(script_args, training_args, model_args, survey)  # refuses a run that cannot fit
     plan["note"] = (
         f"checked_rows: the first {stats.total} rows decoded and prepared; data and train_rows: all {survey['rows']} "
         "rows read from their image headers (an image truncated after its header is dropped only when decoded)"
