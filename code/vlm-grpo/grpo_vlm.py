@@ -66,6 +66,7 @@ from path_checks import PathError, check_model_path, check_output_dir, model_loa
 from resume import RESUME_MODES, resume_point  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, RewardError, check_reward_funcs, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
+import families  # noqa: E402
 
 import vllm_colocate  # noqa: E402  (as a module: the benchmark's stand-in replaces vllm_importable)
 
@@ -380,9 +381,15 @@ def setup(script_args, training_args, model_args):
     enable_batched_vision_attention(script_args.batched_vision_attention)
     check_output_location(script_args, training_args)
     try:
+        family = families.family_of(model_args)  # config.json only: an unsupported model stops here, in one line
         processor = load_processor(model_args)
     except OSError as err:  # a Hub id that is not there (or not cached offline): transformers' message spans lines
         raise ConfigError(str(model_load_error(model_args.model_name_or_path, err))) from err
+    families.check_processor(family, processor)
+    for note in families.refuse_unsupported(
+        family, {"batched_vision_attention": (script_args.batched_vision_attention, False)}  # on by default
+    ):
+        logger.info(note)
     resolve_args(script_args, training_args, model_args, processor)
     vllm_colocate.check_vllm_lora_targets(training_args, model_args)
     return processor
