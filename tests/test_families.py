@@ -203,26 +203,35 @@ def test_a_processor_of_another_family_is_refused(family_model):
         check_processor(qwen3, load_processor(family_model("qwen2.5-vl")))
 
 
-def test_the_seed_command_on_each_family_passes_setup_and_notes_what_does_not_apply(family_model, tmp_path, caplog):
-    """grpo_vlm.setup (the checks before weights load) on each tiny family; the window-attention speed-up is
-    Qwen2.5-VL's only, noted for the others."""
-    import logging
-
+def test_the_seed_command_on_each_family_passes_setup(family_model, tmp_path):
+    """grpo_vlm.setup (every check before weights load) on each tiny family, with the seed's flags; it installs the
+    batched vision attention on each family's attention class."""
     import grpo_vlm
+    import vision_attention
     from flexai_stub import offline_seed_script_args
 
     for family in FAMILIES:
-        caplog.clear()
         args = grpo_vlm.parse_args(offline_seed_script_args(family_model(family), tmp_path / family, vllm=True))
-        with caplog.at_level(logging.INFO, logger="grpo_vlm"):
-            grpo_vlm.setup(*args)
-        notes = [r.getMessage() for r in caplog.records if "is not applied to" in r.getMessage()]
-        if family == "qwen2.5-vl":
-            assert notes == []
-        else:
-            name = {"qwen2-vl": "Qwen2-VL", "qwen3-vl": "Qwen3-VL"}[family]
-            assert notes == [f"batched_vision_attention is not applied to {name}: {name}'s vision tower has no window "
-                             "attention (one attention call per whole image)"]
+        assert grpo_vlm.requested_fixes(*args) == ["vision_token_mask", "image_token_budget", "zero3_checkpointing",
+                                                   "batched_vision_attention", "collapse_image_pads",
+                                                   "tied_head_lora_refusal"]
+        grpo_vlm.setup(*args)
+        assert vision_attention.attention_class(MODEL_TYPE[family]).forward is vision_attention._forward
+
+
+def test_a_fix_that_cannot_work_for_a_family_is_refused_in_one_line(family_model, monkeypatch):
+    """The refusal path, with a reason put in the table for the test (every fix works for the three families today)."""
+    from transformers import AutoConfig
+
+    import families
+
+    qwen3 = families.family_from_config(AutoConfig.from_pretrained(family_model("qwen3-vl")))
+    families.check_fixes(qwen3, list(families.FIXES))
+    monkeypatch.setitem(families.FIXES, "collapse_image_pads", {**families.FIXES["collapse_image_pads"],
+                                                                "qwen3_vl": "a reason"})
+    with pytest.raises(ConfigError) as err:
+        families.check_fixes(qwen3, ["collapse_image_pads"])
+    assert str(err.value) == "collapse_image_pads cannot work for Qwen3-VL: a reason"
 
 
 def test_lora_on_a_tied_head_is_refused_from_the_config_of_each_family(family_model, tmp_path):

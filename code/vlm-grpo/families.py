@@ -7,7 +7,7 @@ whether the output head is tied to the input embeddings (by size: Qwen2.5-VL-3B,
 larger do not), the M-RoPE layout (interleaved in Qwen3-VL; vLLM and transformers read it from the config) and the
 chat template (Qwen3-VL's adds no default system message; the processor carries it). Every such fact is read here
 from the checkpoint's own files (config.json, the processor), never written down for one model; the other modules ask
-this one. Which fix applies to which family, and why a fix is refused for one, is `FIXES` below (ids: the fix ledger,
+this one. How each fix works for each family, or why it cannot, is `FIXES` below (ids: the fix ledger,
 experiments/vlm-grpo/INTERNALS.md).
 """
 
@@ -26,26 +26,22 @@ FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwe
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 IMAGE_TOKEN = "<|image_pad|>"
 
-# Fix -> {model_type: None (applies) or the reason it cannot}. A fix absent for a family is refused with the reason,
-# in one line, before weights load (`refuse_unsupported`), when the run asks for it.
+# Fix -> {model_type: None (it works for the family) or the reason it cannot}. How each works for every family:
 FIXES = {
-    # M1/M1'/M2: torch checkpointing, DeepSpeed hooks and TRL's generation context, no model code involved.
+    # M1/M1'/M2: torch checkpointing, DeepSpeed's hooks and TRL's generation context; no model code involved.
     "zero3_checkpointing": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
-    # vision_attention.py replaces Qwen2_5_VLVisionAttention.forward (many small windows per image); Qwen2-VL's and
-    # Qwen3-VL's towers attend over whole images (one SDPA call per image), where there is no window loop to batch.
-    "batched_vision_attention": {
-        "qwen2_vl": "Qwen2-VL's vision tower has no window attention (one attention call per whole image)",
-        "qwen2_5_vl": None,
-        "qwen3_vl": "Qwen3-VL's vision tower has no window attention (one attention call per whole image)",
-    },
+    # vision_attention.py: the three towers' attention modules share one forward (per-window chunks in Qwen2.5-VL,
+    # per-image chunks in Qwen2-VL and Qwen3-VL); each class is patched with its own rotary function.
+    "batched_vision_attention": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
     # M8: vLLM 0.11.0's input processor of all three expands each `<|image_pad|>` it finds into the image's tokens
-    # (vllm/model_executor/models/qwen2_vl.py, qwen2_5_vl.py, qwen3_vl.py: _get_prompt_updates), as for Qwen2.5-VL.
+    # (vllm/model_executor/models/qwen2_vl.py, qwen2_5_vl.py, qwen3_vl.py: _get_prompt_updates); the id collapsed is
+    # the config's image_token_id.
     "collapse_image_pads": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
-    # M10: masks the vision special tokens in the trainer's logits, ids from the tokenizer.
+    # M10, M5, M11: the vision special tokens, same strings in the three tokenizers.
     "vision_token_mask": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
-    # the tied-head LoRA refusal reads tie_word_embeddings from the config.
+    # the tied-head LoRA refusal reads tie_word_embeddings from the config (`tied_lm_head`).
     "tied_head_lora_refusal": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
-    # data.py's downscaling counts tokens with the processor's smart_resize, patch and merge.
+    # data.py's downscaling and token counts use the processor's smart_resize, patch and merge (`image_geometry`).
     "image_token_budget": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
 }
 
@@ -71,12 +67,6 @@ class Family:
     def pixels_per_token_side(self) -> int:
         """Side of the pixel square one image token covers: 28 for Qwen2/2.5-VL (14 x 2), 32 for Qwen3-VL (16 x 2)."""
         return self.patch_size * self.merge_size
-
-    def applies(self, fix: str) -> bool:
-        return FIXES[fix][self.model_type] is None
-
-    def why_not(self, fix: str) -> str | None:
-        return FIXES[fix][self.model_type]
 
 
 def check_model_type(model_type: str) -> None:
@@ -149,18 +139,13 @@ def check_processor(family: Family, processor) -> None:
         )
 
 
-def refuse_unsupported(family: Family, requested: dict[str, bool]) -> list[str]:
-    """Refuse, in one line, a fix explicitly requested for a family it cannot work for; return the notes for fixes that
-    are on by default and simply do not apply (logged, not refused)."""
-    notes = []
-    for fix, (wanted, explicit) in requested.items():
-        reason = family.why_not(fix)
-        if not wanted or reason is None:
-            continue
-        if explicit:
+def check_fixes(family: Family, requested: list[str]) -> None:
+    """Refuse, in one line with the reason, a run that needs a fix which cannot work for this family (none today:
+    every fix of FIXES works for the three families, tests/test_families.py and tests/test_vllm_families.py)."""
+    for fix in requested:
+        reason = FIXES[fix][family.model_type]
+        if reason is not None:
             raise ConfigError(f"{fix} cannot work for {family.name}: {reason}")
-        notes.append(f"{fix} is not applied to {family.name}: {reason}")
-    return notes
 
 
 def image_token_ids(tokenizer) -> list[int]:
