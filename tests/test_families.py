@@ -160,13 +160,13 @@ def test_tiny_presets_have_vllm_head_sizes(family):
 
 
 def test_an_unknown_preset_of_a_family_is_refused_in_one_line(tmp_path):
-    import subprocess
     import sys
 
+    import _proc
     from _tiny import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(tmp_path / "m"),
-                           "--family", "qwen3-vl", "--preset", "3b"], capture_output=True, text=True, timeout=120)
+    proc = _proc.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(tmp_path / "m"),
+                     "--family", "qwen3-vl", "--preset", "3b"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("--family qwen3-vl has no preset '3b': one of 2b, 4b, 8b, "
                                                          "tiny, tiny-untied")
@@ -220,13 +220,14 @@ def test_the_seed_command_on_each_family_passes_setup(family_model, tmp_path):
 
 
 def test_a_fix_that_cannot_work_for_a_family_is_refused_in_one_line(family_model, monkeypatch):
-    """The refusal path, with a reason put in the table for the test (every fix works for the three families today)."""
+    """The refusal path, with a reason put in the table for the test (every fix but the iou reward works for the three
+    families)."""
     from transformers import AutoConfig
 
     import families
 
     qwen3 = families.family_from_config(AutoConfig.from_pretrained(family_model("qwen3-vl")))
-    families.check_fixes(qwen3, list(families.FIXES))
+    families.check_fixes(qwen3, [fix for fix in families.FIXES if fix != "iou_reward"])
     monkeypatch.setitem(families.FIXES, "collapse_image_pads", {**families.FIXES["collapse_image_pads"],
                                                                 "qwen3_vl": "a reason"})
     with pytest.raises(ConfigError) as err:
@@ -244,3 +245,22 @@ def test_lora_on_a_tied_head_is_refused_from_the_config_of_each_family(family_mo
         argv[i + 1 : i + 3] = ["lm_head"]
         with pytest.raises(ConfigError, match="ties lm_head to its input embeddings"):
             grpo_vlm.setup(*grpo_vlm.parse_args(argv))
+
+
+def test_the_iou_reward_is_refused_for_families_that_state_relative_boxes(family_model, tmp_path):
+    """iou reads boxes in pixels of the model's image (Qwen2.5-VL); Qwen2-VL and Qwen3-VL write 0..1000 coordinates."""
+    import grpo_vlm
+    from flexai_stub import offline_seed_script_args
+
+    def setup(family):
+        argv = [*offline_seed_script_args(family_model(family), tmp_path / family, vllm=True),
+                "--dataset_name", "grounding", "--reward_funcs", "format", "iou"]
+        grpo_vlm.setup(*grpo_vlm.parse_args(argv))
+
+    setup("qwen2.5-vl")
+    for family, name in (("qwen2-vl", "Qwen2-VL"), ("qwen3-vl", "Qwen3-VL")):
+        with pytest.raises(ConfigError) as err:
+            setup(family)
+        assert str(err.value).startswith(f"iou_reward cannot work for {name}: it reads predicted boxes in pixels of "
+                                         f"the image the model sees (Qwen2.5-VL's frame), {name} states boxes relative "
+                                         "to the image on a 0..1000 scale")

@@ -26,6 +26,10 @@ FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwe
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 IMAGE_TOKEN = "<|image_pad|>"
 
+RELATIVE_BOXES = ("it reads predicted boxes in pixels of the image the model sees (Qwen2.5-VL's frame), {} states "
+                  "boxes relative to the image on a 0..1000 scale; use a reward file that scales them "
+                  "(--reward_funcs path/to/file.py:function), or a Qwen2.5-VL model")
+
 # Fix -> {model_type: None (it works for the family) or the reason it cannot}. How each works for every family:
 FIXES = {
     # M1/M1'/M2: torch checkpointing, DeepSpeed's hooks and TRL's generation context; no model code involved.
@@ -43,6 +47,15 @@ FIXES = {
     "tied_head_lora_refusal": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
     # data.py's downscaling and token counts use the processor's smart_resize, patch and merge (`image_geometry`).
     "image_token_budget": {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None},
+    # rewards.iou_reward reads a predicted box in pixels of the image the model sees, Qwen2.5-VL's grounding frame.
+    # Qwen2-VL and Qwen3-VL state boxes in coordinates relative to the image, scaled to 0..1000 (Qwen3-VL's notes:
+    # "changed from the absolute coordinates used in Qwen2.5-VL to relative coordinates ranging from 0 to 1000",
+    # quoted in QwenLM/Qwen3-VL#1741): their boxes would be scored in the wrong frame.
+    "iou_reward": {
+        "qwen2_vl": RELATIVE_BOXES.format("Qwen2-VL"),
+        "qwen2_5_vl": None,
+        "qwen3_vl": RELATIVE_BOXES.format("Qwen3-VL"),
+    },
 }
 
 
@@ -140,8 +153,9 @@ def check_processor(family: Family, processor) -> None:
 
 
 def check_fixes(family: Family, requested: list[str]) -> None:
-    """Refuse, in one line with the reason, a run that needs a fix which cannot work for this family (none today:
-    every fix of FIXES works for the three families, tests/test_families.py and tests/test_vllm_families.py)."""
+    """Refuse, in one line with the reason, a run that needs a fix which cannot work for this family (today: the iou
+    reward's pixel frame on Qwen2-VL and Qwen3-VL; the other fixes work for the three families, tests/test_families.py
+    and tests/test_vllm_families.py)."""
     for fix in requested:
         reason = FIXES[fix][family.model_type]
         if reason is not None:

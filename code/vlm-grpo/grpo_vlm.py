@@ -372,6 +372,8 @@ def requested_fixes(script_args, training_args, model_args) -> list[str]:
         fixes.append("batched_vision_attention")
     if training_args.use_vllm:
         fixes += ["collapse_image_pads", "tied_head_lora_refusal"]
+    if "iou" in script_args.reward_funcs:
+        fixes.append("iou_reward")
     return fixes
 
 
