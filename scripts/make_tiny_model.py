@@ -246,7 +246,8 @@ _QWEN3_VL_SMALL_TOWER = dict(depth=24, hidden_size=1024, intermediate_size=4096,
 QWEN3_VL_PRESETS["2b"] = _qwen3_vl_preset(2048, 6144, 28, 16, True, _QWEN3_VL_SMALL_TOWER)
 QWEN3_VL_PRESETS["4b"] = _qwen3_vl_preset(2560, 9728, 36, 32, True, _QWEN3_VL_SMALL_TOWER)
 QWEN3_VL_PRESETS["8b"] = _qwen3_vl_preset(
-    4096, 12288, 36, 32, False, dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24])
+    4096, 12288, 36, 32, False,
+    dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24]),
 )
 for _presets in (QWEN2_VL_PRESETS, QWEN3_VL_PRESETS):
     _presets["tiny-untied"] = {**_presets["tiny"], "text": {**_presets["tiny"]["text"], "tie_word_embeddings": False}}
@@ -516,7 +517,8 @@ def main() -> None:
     parser.add_argument("out_dir", help="folder to write the model, tokenizer and processor into")
     parser.add_argument("--family", choices=list(FAMILY_PRESETS), default=DEFAULT_FAMILY, help="model family")
     parser.add_argument("--preset", default="tiny",
-                        help="architecture size: " + "; ".join(f"{f}: {', '.join(sorted(p))}" for f, p in FAMILY_PRESETS.items()))
+                        help="architecture size: "
+                        + "; ".join(f"{f}: {', '.join(sorted(p))}" for f, p in FAMILY_PRESETS.items()))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights dtype")
     parser.add_argument("--device", default="cpu", help="where the weights are initialised, e.g. cuda (much faster)")

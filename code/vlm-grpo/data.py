@@ -388,8 +388,8 @@ def prepare_dataset(
     `ds` is in the one row shape (`load_raw_dataset`; `canonical_columns` for a dataset built elsewhere). Every image
     of a row goes through the same rules: an image with a side over `max_image_side` is downscaled to fit, aspect
     ratio kept (`image_policy="downscale"`), or its row dropped (`"drop"`): Qwen2/2.5-VL spend one token per 28x28
-    pixels, Qwen3-VL one per 32x32, so big images blow memory and vLLM's batch budget (trl#3788). The stored image is the downscaled one, so
-    the trainer's processor and vLLM see the same pixels and count the same tokens; a gold box in the `<answer>` of
+    pixels, Qwen3-VL one per 32x32, so big images blow memory and vLLM's batch budget (trl#3788). The stored image is
+    the downscaled one, so the trainer's processor and vLLM see the same pixels and count the same tokens; a gold box in the `<answer>` of
     a one-image row (`[x1, y1, x2, y2]`, the grounding form) is scaled with its image. Each row gets `image_sizes`
     and `model_image_sizes`, [width, height] per image as stored and as the model sees it (the processor's resize),
     so a reward can move a box between the two frames (rewards.iou_reward). Dropped, with counts: empty

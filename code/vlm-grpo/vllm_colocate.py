@@ -5,8 +5,9 @@ cause; all are exercised through vLLM itself by tests/test_vllm_colocate.py (CPU
 
 M8  first rollout: `ValueError: Attempted to assign 16 + ... = 128 multimodal tokens to 248 placeholders`.
     TRL tokenizes the prompt with the HF processor, which already expanded each image's `<|image_pad|>` into one
-    token per 28x28 patch, and hands vLLM those ids *and* the image. vLLM 0.11.0's Qwen2.5-VL input processor
-    expands every `<|image_pad|>` it finds again (huggingface/trl#6294, open; fix PRs #6718/#6719). Fix: vLLM gets
+    token per merged patch (28x28 pixels; 32x32 for Qwen3-VL), and hands vLLM those ids *and* the image. vLLM
+    0.11.0's Qwen2-VL, Qwen2.5-VL and Qwen3-VL input processors expand every `<|image_pad|>` they find again
+    (huggingface/trl#6294 and, for Qwen3-VL, trl#6401, open; fix PRs #6718/#6719). Fix: vLLM gets
     the same ids with each run of `<|image_pad|>` collapsed to one token, so its own expansion reproduces exactly the
     ids the trainer scores; the ids vLLM reports back are checked against the trainer's, so a future mismatch
     (another processor, a resized image) stops the run with a clear error instead of training on misaligned tokens.
