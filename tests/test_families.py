@@ -74,6 +74,10 @@ def test_image_tokens_expand_to_the_count_patch_and_merge_predict(family, family
     family_facts = family_from_config(AutoConfig.from_pretrained(folder))
     assert family_facts.pixels_per_token_side == (32 if family == "qwen3-vl" else 28)
     assert family_facts.image_token_id == pad
+    tok = processor.tokenizer
+    assert (family_facts.vision_start_token_id, family_facts.vision_end_token_id, family_facts.video_token_id) == (
+        tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"),
+        tok.convert_tokens_to_ids("<|video_pad|>"))
 
 
 def test_chat_templates_are_each_familys_own(family_model):

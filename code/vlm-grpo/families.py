@@ -162,12 +162,6 @@ def check_fixes(family: Family, requested: list[str]) -> None:
             raise ConfigError(f"{fix} cannot work for {family.name}: {reason}")
 
 
-def image_token_ids(tokenizer) -> list[int]:
-    """Ids of the vision special tokens this tokenizer has (the ones generation bans)."""
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab]
-
-
 def image_geometry(image_processor) -> tuple[int, int, int, int]:
     """(patch, merge, min_pixels, max_pixels) of a Qwen image processor: the numbers its resize and token count use
     (patch 14 or 16, merge 2). min/max_pixels where set, else the `size` dict's shortest/longest edge (Qwen3-VL's
