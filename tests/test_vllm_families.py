@@ -61,6 +61,8 @@ def family_run(request, family_model, tmp_path_factory):
 def test_the_family_trains_its_lora_under_zero3_through_vllm(family_run):
     _, report, _ = family_run
     assert report["world_size"] == 2 and report["global_step"] == STEPS
+    # gradient checkpointing (the seed's flag) kept its ZeRO-3 mode through the rollouts (M1, M1')
+    assert report["checkpointing_kwargs_at_end"] == {"use_reentrant": False, "determinism_check": "none"}
     assert len(report["lora_changed"]) == 8 and all(report["lora_changed"].values()), report["lora_changed"]
     assert report["base_changed"] and not [n for n, c in report["base_changed"].items() if c]
 
