@@ -80,6 +80,12 @@ def cached_wheel(wheel_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def installer(python: str) -> list[str]:
+    """`uv pip install` into that interpreter's environment where set-up put uv there (the Makefile does), else pip."""
+    has_uv = subprocess.run([python, "-c", "import uv"], capture_output=True, check=False).returncode == 0
+    return [python, "-m", "uv", "pip", "install", "-q", "--python", python] if has_uv else [python, "-m", "pip", "install", "-q"]
+
+
 def ensure_numa_headers() -> None:
     """numa.h for vLLM's CPU kernels; apt-get where we can, else a one-line instruction."""
     probe = subprocess.run(
@@ -226,7 +232,7 @@ def main() -> None:
         wheel = build(args.python, args.wheel_dir, args.work_dir.resolve(), args.jobs)
         shutil.rmtree(args.work_dir.resolve() / f"vllm-{VLLM_VERSION}", ignore_errors=True)
     if args.install:
-        pip = [args.python, "-m", "pip", "install", "-q"]
+        pip = installer(args.python)
         subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
         subprocess.run([*pip, *(arg for path in args.install for arg in ("-r", path))], check=True)
     print(wheel)

@@ -137,3 +137,29 @@ def single_process_run(tiny_model, tmp_path_factory):
     proc = run([PYTHON, str(SCRIPT), *seed_script_args(tiny_model, out, 2), *FAST, "--synthetic_rows", "64",
                 "--eval_fraction", "0.25"])
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def fast_paths_runs(tiny_model, tmp_path_factory):
+    """tests/test_fast_paths.py as the worker of two 2-process runs of the seed's vLLM flags, 3 steps each, identical
+    but for `--no_vllm_fast_paths` ("trl") and the default ("fast"); per rank: the fast-path counters, TRL's logged
+    metrics, the sync check and, for the fast run, zero3_weight_check's weight report. Read by test_fast_paths.py and
+    test_vllm_colocate.py (its weight checks were a third launch of the same flags before)."""
+    import json
+    import time
+
+    from _vllm import require_vllm
+    from test_fast_paths import ARGS, STEPS
+    from test_train_cpu import launch_cmd, run
+    from test_vllm_colocate import vllm_seed_args
+
+    require_vllm()
+    out = {}
+    for name, extra in (("trl", ["--no_vllm_fast_paths"]), ("fast", [])):
+        tmp = tmp_path_factory.mktemp(f"fast-paths-{name}")
+        t0 = time.time()
+        run(launch_cmd("tests/test_fast_paths.py", [tmp / "report.json", *vllm_seed_args(tiny_model, tmp / "run", STEPS),
+                                                    *ARGS, *extra]))
+        out[name] = {r: json.loads((tmp / f"report.json.rank{r}").read_text()) for r in (0, 1)}
+        out[name]["wall_s"] = time.time() - t0
+    return out

@@ -114,13 +114,19 @@ def worker(report_path: Path, argv: list[str]) -> None:
     script_args, training_args, model_args = grpo_vlm.parse_args(argv)
     processor = grpo_vlm.setup(script_args, training_args, model_args)
     t0 = time.perf_counter()
-    trainer = grpo_vlm.train(script_args, training_args, model_args, processor)
+    sys.path.insert(0, str(REPO / "tests"))
+    from zero3_weight_check import WeightRecorder, weights_report
+
+    recorder = WeightRecorder()
+    trainer = grpo_vlm.train(script_args, training_args, model_args, processor, callbacks=[recorder])
     train_s = time.perf_counter() - t0
+    # test_vllm_colocate.py's weight checks (LoRA and base changes, vLLM's weights after a sync) read this run's report
+    weights = weights_report(trainer, recorder, model_args, training_args) if trainer.layerwise_weight_sync else None
     sync = sync_check(trainer) if trainer.layerwise_weight_sync else None
     report = {"rank": trainer.accelerator.process_index, "reuse_loss_logps": trainer.reuse_loss_logps,
               "layerwise_weight_sync": trainer.layerwise_weight_sync, "dedupe_images": trainer.dedupe_images,
               "nograd_logps": nograd, "train_s": train_s,
-              "log_history": trainer.state.log_history, "sync": sync}
+              "log_history": trainer.state.log_history, "sync": sync, "weights": weights}
     Path(f"{report_path}.rank{report['rank']}").write_text(json.dumps(report, indent=1, default=str))
 
 
@@ -128,21 +134,9 @@ def worker(report_path: Path, argv: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
-    from _vllm import require_vllm
-    from test_train_cpu import launch_cmd, run
-    from test_vllm_colocate import vllm_seed_args
-
-    require_vllm()
-    out = {}
-    for name, extra in (("trl", ["--no_vllm_fast_paths"]), ("fast", [])):
-        tmp = tmp_path_factory.mktemp(f"fast-paths-{name}")
-        t0 = time.time()
-        run(launch_cmd("tests/test_fast_paths.py", [tmp / "report.json", *vllm_seed_args(tiny_model, tmp / "run", STEPS),
-                                                    *ARGS, *extra]))
-        out[name] = {r: json.loads((tmp / f"report.json.rank{r}").read_text()) for r in (0, 1)}
-        out[name]["wall_s"] = time.time() - t0
-    return out
+def runs(fast_paths_runs):
+    """The two runs (conftest.fast_paths_runs, session-scoped: test_vllm_colocate.py reads the fast one too)."""
+    return fast_paths_runs
 
 
 def steps(report: dict) -> list[dict]:

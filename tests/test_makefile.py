@@ -728,12 +728,14 @@ def dry_make(*args: str) -> str:
 
 @pytest.mark.parametrize("target", ["smoke", "test", "vllm-cpu"])
 def test_set_up_builds_and_installs_vllm_for_cpu(tmp_path, target):
-    out = dry_make(target, f"VENV={tmp_path}/venv")
+    out = dry_make(target, f"VENV={tmp_path}/venv", "HOME=/home/u", "XDG_CACHE_HOME=")
     build = [line for line in out.splitlines() if "scripts/build_vllm_cpu.py" in line]
     assert len(build) == 1, out
     # the project's pins and vLLM's runtime pins in one resolver call: torch stays the pinned 2.8.0
     assert build[0].endswith("--install code/vlm-grpo/requirements-dev.txt code/vlm-grpo/requirements-vllm-cpu.txt")
-    assert "--wheel-dir .cache/wheels" in build[0]  # not .whl/, which holds other wheels
+    # a per-user cache keyed by vLLM and torch (not .whl/, which holds other wheels): fresh clones reuse the build
+    assert "--wheel-dir /home/u/.cache/vlm-grpo/vllm-0.11.0-cpu-torch-2.8.0 " in build[0]
+    assert out.index("-m pip install -q uv==0.13.9") < out.index("-m uv pip install -r code/vlm-grpo/requirements-dev.txt")
     assert out.index("pip install -r code/vlm-grpo/requirements-dev.txt") < out.index("scripts/build_vllm_cpu.py")
 
 

@@ -39,8 +39,18 @@ def env() -> dict:
     }
 
 
+def free_port() -> int:
+    """A port nothing listens on now: each launch its own rendezvous port, so a run started while another is still
+    up (a helper's, or a test left running) does not meet accelerate's default 29500 taken."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_cmd(entry: str, args: list[str], num_processes: int = 2) -> list[str]:
-    launch = [PYTHON, "-m", "accelerate.commands.launch", f"--config_file={CONFIG}"]
+    launch = [PYTHON, "-m", "accelerate.commands.launch", f"--config_file={CONFIG}", f"--main_process_port={free_port()}"]
     if num_processes != 2:
         launch += ["--num_processes", str(num_processes)]
     return [*launch, entry, *map(str, args)]

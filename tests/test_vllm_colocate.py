@@ -16,7 +16,6 @@ from PIL import Image
 
 from _vllm import engine, engine_prompt_ids, require_vllm
 from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, launch_cmd, run
 from vllm_colocate import PromptMismatchError, check_engine_prompts, collapse_image_pads
 
 IMAGE_PAD = "<|image_pad|>"
@@ -155,13 +154,13 @@ def vllm_seed_args(model, out, steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def vllm_weight_report(tiny_model, tmp_path_factory):
-    """tests/zero3_weight_check.py on the seed's vLLM flags plus FAST (a reward with variance, 4 completions a
-    process, logs every step), 3 steps: LoRA/base changes, the weight sync into vLLM, the logged metrics."""
-    tmp = tmp_path_factory.mktemp("vllm-weights")
-    args = [*vllm_seed_args(tiny_model, tmp / "run", 3), *FAST]
-    run(launch_cmd("tests/zero3_weight_check.py", [tmp / "report.json", *args]))
-    return json.loads((tmp / "report.json").read_text())
+def vllm_weight_report(fast_paths_runs):
+    """tests/zero3_weight_check.py's report of the fast-paths run (conftest.fast_paths_runs: the seed's vLLM flags,
+    the fast paths on as by default, 3 steps of 2 micro-batches, rewards with variance, logs every step): LoRA/base
+    changes, the weight sync into vLLM, the logged metrics."""
+    report = fast_paths_runs["fast"][0]["weights"]
+    assert report is not None, "the fast run recorded no weight report"
+    return report
 
 
 @pytest.mark.slow
@@ -223,22 +222,23 @@ def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_mode
     assert completions["base"] != completions["adapter"], "the adapter changed vLLM's greedy completions"
 
 
-@pytest.mark.parametrize("gpu", [False, True])
-def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu(gpu):
-    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only (a fresh interpreter each)."""
+def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu():
+    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only: in one fresh interpreter (vLLM
+    imported once), with a GPU reported it leaves vLLM's method in place, then without one it replaces it."""
     from _tiny import REPO
 
     code = (
         "import sys, torch\n"
-        f"torch.cuda.is_available = lambda: {gpu}\n"
         "sys.path.insert(0, 'code/vlm-grpo')\n"
         "from vllm.v1.worker.cpu_worker import CPUWorker\n"
         "upstream = CPUWorker._get_autobind_cpu_ids\n"
         "from vllm_colocate import cpu_thread_binding_workaround\n"
-        "cpu_thread_binding_workaround()\n"
-        "patched = CPUWorker._get_autobind_cpu_ids\n"
-        "print('upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
+        "for gpu in (True, False):\n"
+        "    torch.cuda.is_available = lambda: gpu\n"
+        "    cpu_thread_binding_workaround()\n"
+        "    patched = CPUWorker._get_autobind_cpu_ids\n"
+        "    print(f'gpu={gpu}', 'upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
     )
     proc = _proc.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == ("upstream" if gpu else "replaced:all")
+    assert proc.stdout.strip().splitlines()[-2:] == ["gpu=True upstream", "gpu=False replaced:all"]

@@ -124,24 +124,16 @@ def record_engine_prompts(path: Path) -> None:
     vllm_colocate.check_engine_prompts = recording_check  # align_prompts_with_vllm looks it up at each rollout
 
 
-def main() -> None:
-    report_path, argv = Path(sys.argv[1]), sys.argv[2:]
-    script_args, training_args, model_args = grpo_vlm.parse_args(argv)
-    if training_args.use_vllm:
-        import os
-
-        record_engine_prompts(report_path.with_name(f"{report_path.stem}-prompts-rank{os.environ.get('RANK', '0')}.json"))
-    processor = grpo_vlm.setup(script_args, training_args, model_args)
-    recorder = WeightRecorder()
-    trainer = grpo_vlm.train(script_args, training_args, model_args, processor, callbacks=[recorder])
-    adapter = grpo_vlm.save_outputs(trainer, processor, training_args.output_dir)
-
+def weights_report(trainer, recorder: WeightRecorder, model_args, training_args, adapter=None) -> dict | None:
+    """What training changed and, with `--use_vllm`, what vLLM holds after a sync (run on every rank: the gathers are
+    collective); the report on rank 0, None elsewhere. Also called by tests/test_fast_paths.py's worker, whose
+    fast-paths run is the vLLM weight check of tests/test_vllm_colocate.py (one launch for both)."""
     from safetensors.torch import load_file
 
     on_disk = load_file(str(Path(model_args.model_name_or_path) / "model.safetensors"))
     vllm_sync = vllm_sync_report(trainer, on_disk) if training_args.use_vllm else None
     if not trainer.accelerator.is_main_process:
-        return
+        return None
     lora = {n: not torch.equal(recorder.start[n], recorder.end[n]) for n in recorder.end if "lora_" in n}
     base = {}
     for name, tensor in recorder.end.items():
@@ -152,7 +144,7 @@ def main() -> None:
             key = base_name("model.language_model.embed_tokens.weight", on_disk)
         base[key] = not torch.equal(tensor.to(on_disk[key].dtype), on_disk[key]) if key in on_disk else None
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    report = {
+    return {
         "lora_changed": lora,
         "base_changed": base,
         "lora_nonzero_B": {n: bool(t.abs().sum() > 0) for n, t in recorder.end.items() if "lora_B" in n},
@@ -169,7 +161,22 @@ def main() -> None:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "vllm_sync": vllm_sync,
     }
-    report_path.write_text(json.dumps(report, indent=1, default=str))
+
+
+def main() -> None:
+    report_path, argv = Path(sys.argv[1]), sys.argv[2:]
+    script_args, training_args, model_args = grpo_vlm.parse_args(argv)
+    if training_args.use_vllm:
+        import os
+
+        record_engine_prompts(report_path.with_name(f"{report_path.stem}-prompts-rank{os.environ.get('RANK', '0')}.json"))
+    processor = grpo_vlm.setup(script_args, training_args, model_args)
+    recorder = WeightRecorder()
+    trainer = grpo_vlm.train(script_args, training_args, model_args, processor, callbacks=[recorder])
+    adapter = grpo_vlm.save_outputs(trainer, processor, training_args.output_dir)
+    report = weights_report(trainer, recorder, model_args, training_args, adapter)
+    if report is not None:
+        report_path.write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":
