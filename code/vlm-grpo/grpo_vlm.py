@@ -1,5 +1,9 @@
 """GRPO + LoRA fine-tuning of Qwen2.5-VL with TRL's GRPOTrainer, vLLM (colocate) and DeepSpeed ZeRO-3.
 
+`--model_name_or_path` also takes Qwen2-VL and Qwen3-VL (dense) checkpoints: what differs between the families (image
+tokens per pixel, special token ids, tied head) is read from the checkpoint (families.py); `make_tiny_model.py --family`
+builds an offline tiny model of each.
+
 The seed recipe (2 GPUs, FlexAI runtime `pytorch-28-vllm-0110-nvidia`):
 
     accelerate launch --config_file=code/vlm-grpo/deepspeed_zero3.yaml code/vlm-grpo/grpo_vlm.py \\
