@@ -268,3 +268,19 @@ def test_the_iou_reward_is_refused_for_families_that_state_relative_boxes(family
         assert str(err.value).startswith(f"iou_reward cannot work for {name}: it reads predicted boxes in pixels of "
                                          f"the image the model sees (Qwen2.5-VL's frame), {name} states boxes relative "
                                          "to the image on a 0..1000 scale")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_size_presets_fast_build_ties_qwen3_vls_head_as_its_config_says(tied):
+    """Qwen3-VL-2B/4B tie lm_head to the embeddings, the 8B does not: make_tiny_model's meta-device build (used for
+    the size presets) must keep that, or memory figures measured on them are off."""
+    import transformers
+
+    from make_tiny_model import fast_random_model
+
+    spec = FAMILY_PRESETS["qwen3-vl"]["tiny" if tied else "tiny-untied"]
+    config = transformers.Qwen3VLConfig(text_config={**spec["text"], "vocab_size": 512}, vision_config=spec["vision"],
+                                        tie_word_embeddings=tied)
+    model = fast_random_model(transformers.Qwen3VLForConditionalGeneration, config, torch.float32, "cpu", seed=0)
+    shared = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert shared is tied
