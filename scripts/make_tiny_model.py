@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Build a random-weights Qwen2.5-VL (model + processor) offline, in seconds.
+"""Build a random-weights Qwen2-VL, Qwen2.5-VL or Qwen3-VL (model + processor) offline, in seconds.
 
     python scripts/make_tiny_model.py OUT_DIR                 # tiny: ~2M parameters, for CPU tests and `make smoke`
     python scripts/make_tiny_model.py OUT_DIR --preset 3b     # Qwen2.5-VL-3B-Instruct's architecture (bench, GPU tests)
     python scripts/make_tiny_model.py OUT_DIR --preset tiny-untied --box_answer_steps 150   # answers in box form
+    python scripts/make_tiny_model.py OUT_DIR --family qwen3-vl               # a tiny Qwen3-VL (16-px patches)
+    python scripts/make_tiny_model.py OUT_DIR --family qwen3-vl --preset 8b   # Qwen3-VL-8B-Instruct's architecture
 
 Nothing is downloaded: the tokenizer is a byte-level BPE generated here, carrying Qwen's special tokens
 (`<|im_start|>`, `<|vision_start|>`, `<|image_pad|>` ...) at the ids the model config points at, and Qwen2-VL's
-chat template, so the real loading, templating and image-token expansion code paths all run. The `3b` preset
-uses the public config values of Qwen/Qwen2.5-VL-3B-Instruct and pads the vocabulary to its full size, so
-FLOP and memory figures measured on it are those of the real model.
+chat template (Qwen3-VL's own for `--family qwen3-vl`), so the real loading, templating and image-token expansion
+code paths all run. The size presets (`3b`, `7b`, `32b` of Qwen2.5-VL; `2b`, `7b` of Qwen2-VL; `2b`, `4b`, `8b` of
+Qwen3-VL) use the public config values of the matching `-Instruct` checkpoints and pad the vocabulary to its full size,
+so FLOP and memory figures measured on them are those of the real models.
 """
 
 from __future__ import annotations
@@ -134,8 +137,134 @@ PRESETS["tiny-untied"] = {
     **PRESETS["tiny"], "text": {**PRESETS["tiny"]["text"], "tie_word_embeddings": False}
 }
 
+# Public values of Qwen/Qwen2.5-VL-7B-Instruct's and -32B-Instruct's config.json: same vision tower as the 3B, an
+# untied output head and 152,064 embedding rows.
+PRESETS["7b"] = {
+    **PRESETS["3b"],
+    "text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, max_position_embeddings=128000, rope_theta=1000000.0,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
+    "vision": {**PRESETS["3b"]["vision"], "out_hidden_size": 3584},
+    "vocab_size": 152064,
+}
+PRESETS["32b"] = {
+    **PRESETS["3b"],
+    "text": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                 num_key_value_heads=8, max_position_embeddings=128000, rope_theta=1000000.0,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
+    "vision": {**PRESETS["3b"]["vision"], "out_hidden_size": 5120},
+    "vocab_size": 152064,
+}
 
-def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None):
+# Qwen2-VL: the text model of Qwen2.5-VL; a vision tower without windows, sized by embed_dim and mlp_ratio, whose
+# merger projects into `hidden_size` (= the text hidden size). Same 14-px patches and 2x2 merge: one token per 28x28.
+QWEN2_VL_PRESETS = {
+    "tiny": dict(
+        text={**PRESETS["tiny"]["text"]},
+        vision=dict(depth=2, embed_dim=128, mlp_ratio=2, num_heads=2, hidden_size=128,  # hidden_size = text's
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        bpe_vocab=600,
+        pad_vocab_to=None,
+    ),
+    # Public values of Qwen/Qwen2-VL-2B-Instruct's and -7B-Instruct's config.json.
+    "2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True),
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        bpe_vocab=2000,
+        pad_vocab_to=151643,
+        vocab_size=151936,
+    ),
+    "7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        bpe_vocab=2000,
+        pad_vocab_to=151643,
+        vocab_size=152064,
+    ),
+}
+
+# Qwen3-VL (dense): 16-px patches and a 2x2 merge, so one token per 32x32 pixels; an explicit head_dim; interleaved
+# M-RoPE; learned vision position embeddings (a square grid, interpolated to the image); "deepstack" features of some
+# vision blocks added to the first text layers.
+QWEN3_VL_PRESETS = {
+    "tiny": dict(
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,  # a size vLLM's and FlashAttention's kernels accept
+            max_position_embeddings=4096,
+            rope_theta=5000000.0,
+            # the real [24, 20, 20] scaled to sum to head_dim / 2
+            rope_scaling={"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True},
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=128,  # vision head_dim 64
+            intermediate_size=256,
+            num_heads=2,
+            out_hidden_size=128,  # = text hidden_size
+            num_position_embeddings=256,  # a 16x16 grid (the real 2304 is 48x48)
+            deepstack_visual_indexes=[0],  # one deepstack level, into the first text layer
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        bpe_vocab=600,
+        pad_vocab_to=None,
+    ),
+}
+
+
+def _qwen3_vl_preset(hidden, intermediate, layers, heads, tied, vision):
+    """Public values of Qwen/Qwen3-VL-{2B,4B,8B}-Instruct's config.json (all: 8 KV heads, head_dim 128, 151,936
+    embedding rows, 256k context)."""
+    return dict(
+        text=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rope_theta=5000000.0,
+                  rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                  tie_word_embeddings=tied),
+        vision=dict(**vision, num_heads=16, out_hidden_size=hidden, num_position_embeddings=2304, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        bpe_vocab=2000,
+        pad_vocab_to=151643,
+        vocab_size=151936,
+    )
+
+
+_QWEN3_VL_SMALL_TOWER = dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17])
+QWEN3_VL_PRESETS["2b"] = _qwen3_vl_preset(2048, 6144, 28, 16, True, _QWEN3_VL_SMALL_TOWER)
+QWEN3_VL_PRESETS["4b"] = _qwen3_vl_preset(2560, 9728, 36, 32, True, _QWEN3_VL_SMALL_TOWER)
+QWEN3_VL_PRESETS["8b"] = _qwen3_vl_preset(
+    4096, 12288, 36, 32, False,
+    dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24]),
+)
+for _presets in (QWEN2_VL_PRESETS, QWEN3_VL_PRESETS):
+    _presets["tiny-untied"] = {**_presets["tiny"], "text": {**_presets["tiny"]["text"], "tie_word_embeddings": False}}
+
+DEFAULT_FAMILY = "qwen2.5-vl"
+FAMILY_PRESETS = {"qwen2-vl": QWEN2_VL_PRESETS, "qwen2.5-vl": PRESETS, "qwen3-vl": QWEN3_VL_PRESETS}
+
+
+def qwen3_vl_chat_template() -> str:
+    """Qwen3-VL's chat template as its checkpoints ship it, from the pinned TRL (trl/chat_templates/qwen3_vl.jinja,
+    "Original Qwen3-VL chat template"): unlike Qwen2/2.5-VL's, it adds no default system message."""
+    from importlib.resources import files
+
+    return files("trl").joinpath("chat_templates", "qwen3_vl.jinja").read_text()
+
+
+def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None, chat_template: str = CHAT_TEMPLATE):
     """A byte-level BPE with Qwen's special tokens appended after the regular vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
@@ -167,7 +296,7 @@ def build_tokenizer(bpe_vocab: int, pad_vocab_to: int | None):
         model_max_length=32768,
         padding_side="left",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -199,73 +328,107 @@ def fast_random_model(model_cls, config, dtype, device: str, seed: int):
     return model
 
 
-def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16", device: str = "cpu") -> Path:
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        GenerationConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessorFast,
-        Qwen2VLVideoProcessor,
-    )
+# transformers' classes of each family: configuration, model, processor, video processor.
+FAMILY_CLASSES = {
+    "qwen2-vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2.5-vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                   "Qwen2VLVideoProcessor"),
+    "qwen3-vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
 
-    spec = PRESETS[preset]
+
+def preset_spec(family: str, preset: str) -> dict:
+    if family not in FAMILY_PRESETS:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILY_PRESETS)}")
+    if preset not in FAMILY_PRESETS[family]:
+        raise ValueError(f"{family} has no preset {preset!r}: one of {', '.join(sorted(FAMILY_PRESETS[family]))}")
+    return FAMILY_PRESETS[family][preset]
+
+
+def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16", device: str = "cpu",
+          family: str = DEFAULT_FAMILY) -> Path:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2VLImageProcessorFast
+
+    spec = preset_spec(family, preset)
+    config_cls, model_cls, processor_cls, video_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
+    chat_template = qwen3_vl_chat_template() if family == "qwen3-vl" else CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec["bpe_vocab"], spec["pad_vocab_to"])
+    tokenizer = build_tokenizer(spec["bpe_vocab"], spec["pad_vocab_to"], chat_template)
     tokenizer.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)  # what users of OUT_DIR get: proves the saved files load
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
-    config = Qwen2_5_VLConfig(
-        vocab_size=max(len(tokenizer), spec.get("vocab_size") or 0),
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        vision_token_id=ids["<|vision_pad|>"],
-        vision_config=spec["vision"],
-        torch_dtype=dtype,
-        **spec["text"],
-    )
-    # Mirror the ids into the text sub-config too: some code paths (vLLM, generation) read them from there.
-    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(config.text_config, key, getattr(config, key))
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config.text_config, key, getattr(config, key))
+    vocab_size = max(len(tokenizer), spec.get("vocab_size") or 0)
+    token_ids = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen3-vl":
+        # Qwen3-VL's config holds the text model's settings in text_config only; the head's tying sits at the top.
+        config = config_cls(
+            text_config={**spec["text"], "vocab_size": vocab_size, **token_ids},
+            vision_config=spec["vision"],
+            tie_word_embeddings=spec["text"]["tie_word_embeddings"],
+            torch_dtype=dtype,
+            **vision_ids,
+        )
+    else:
+        config = config_cls(
+            vocab_size=vocab_size,
+            **token_ids,
+            **vision_ids,
+            vision_token_id=ids["<|vision_pad|>"],
+            vision_config=spec["vision"],
+            torch_dtype=dtype,
+            **spec["text"],
+        )
+        # Mirror the ids into the text sub-config too: some code paths (vLLM, generation) read them from there.
+        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config.text_config, key, getattr(config, key))
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            setattr(config.text_config, key, getattr(config, key))
 
     torch.manual_seed(seed)
     if preset.startswith("tiny"):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
+        model = model_cls(config).to(getattr(torch, dtype))
     else:
-        model = fast_random_model(Qwen2_5_VLForConditionalGeneration, config, getattr(torch, dtype), device, seed)
+        model = fast_random_model(model_cls, config, getattr(torch, dtype), device, seed)
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
+        bos_token_id=config.bos_token_id if family != "qwen3-vl" else token_ids["bos_token_id"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=config.pad_token_id,
+        pad_token_id=config.pad_token_id if family != "qwen3-vl" else token_ids["pad_token_id"],
         do_sample=True,
         temperature=1.0,
     )
     model.save_pretrained(out, safe_serialization=True)
 
-    # Small images keep CPU runs fast: at most 256 merged tokens (one per 28x28 pixels) per image for the tiny presets.
-    max_pixels = 256 * 28 * 28 if preset.startswith("tiny") else 12845056
-    image_processor = Qwen2VLImageProcessorFast(
-        min_pixels=4 * 28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
-    video_processor = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=max_pixels)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+    vision = spec["vision"]
+    side = vision["patch_size"] * vision["spatial_merge_size"]  # pixels per merged image token's side: 28, or 32
+    # Small images keep CPU runs fast: at most 256 merged tokens (one per side x side pixels) per image for the tiny
+    # presets; the real checkpoints' limits otherwise.
+    if preset.startswith("tiny"):
+        max_pixels = 256 * side * side
+    else:
+        max_pixels = 16777216 if family == "qwen3-vl" else 12845056
+    processor_kwargs = dict(min_pixels=4 * side * side, max_pixels=max_pixels, patch_size=vision["patch_size"],
+                            merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"])
+    if family == "qwen3-vl":
+        # Qwen3-VL's preprocessor_config.json: mean and std 0.5 (Qwen2/2.5-VL use CLIP's)
+        image_processor = Qwen2VLImageProcessorFast(**processor_kwargs, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        video_processor = video_cls()
+    else:
+        image_processor = Qwen2VLImageProcessorFast(**processor_kwargs)
+        video_processor = video_cls(min_pixels=4 * side * side, max_pixels=max_pixels)
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template
     )
     processor.save_pretrained(out)
-    (out / "tiny_model_info.json").write_text(
-        json.dumps({"preset": preset, "seed": seed, "parameters": sum(p.numel() for p in model.parameters())}, indent=2)
-    )
+    info = {"preset": preset, "seed": seed, "parameters": sum(p.numel() for p in model.parameters())}
+    if family != DEFAULT_FAMILY:
+        info = {"family": family, **info}
+    (out / "tiny_model_info.json").write_text(json.dumps(info, indent=2))
     return out
 
 
@@ -295,7 +458,7 @@ def teach_box_answers(model_dir: str | Path, steps: int = 150, seed: int = 0, ba
     import tempfile
 
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code" / "vlm-grpo"))
     from data import make_prompt
@@ -304,7 +467,7 @@ def teach_box_answers(model_dir: str | Path, steps: int = 150, seed: int = 0, ba
     model_dir = Path(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     tokenizer = processor.tokenizer
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     saved_dtype = json.loads((model_dir / "config.json").read_text()).get("torch_dtype", "bfloat16")
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -352,7 +515,10 @@ def teach_box_answers(model_dir: str | Path, steps: int = 150, seed: int = 0, ba
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the model, tokenizer and processor into")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture size")
+    parser.add_argument("--family", choices=list(FAMILY_PRESETS), default=DEFAULT_FAMILY, help="model family")
+    parser.add_argument("--preset", default="tiny",
+                        help="architecture size: "
+                        + "; ".join(f"{f}: {', '.join(sorted(p))}" for f, p in FAMILY_PRESETS.items()))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights dtype")
     parser.add_argument("--device", default="cpu", help="where the weights are initialised, e.g. cuda (much faster)")
@@ -360,7 +526,10 @@ def main() -> None:
                         help="then teach the answer form <think>…</think><answer>[x1, y1, x2, y2]</answer> with random "
                              "boxes in this many supervised steps (teach_box_answers), for learning tests with `iou`")
     args = parser.parse_args()
-    print(build(args.out_dir, args.preset, args.seed, args.dtype, args.device))
+    if args.preset not in FAMILY_PRESETS[args.family]:
+        parser.error(f"--family {args.family} has no preset {args.preset!r}: one of "
+                     f"{', '.join(sorted(FAMILY_PRESETS[args.family]))}")
+    print(build(args.out_dir, args.preset, args.seed, args.dtype, args.device, args.family))
     if args.box_answer_steps:
         print(teach_box_answers(args.out_dir, args.box_answer_steps, args.seed))
 

@@ -36,7 +36,7 @@ def wide_model_dir() -> Path:
 
 
 @functools.cache
-def make_adapter(base: Path) -> Path:
+def make_adapter(base: Path, name: str = "adapter") -> Path:
     """A LoRA adapter on q_proj/v_proj of the tiny model with random (non-zero) B, saved as training saves one:
     adapter files plus the processor, base_model_name_or_path pointing at the tiny model."""
     import torch
@@ -51,7 +51,7 @@ def make_adapter(base: Path) -> Path:
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
-    out = _ROOT / "adapter"
+    out = _ROOT / name
     peft_model.save_pretrained(out)
     AutoProcessor.from_pretrained(base).save_pretrained(out)
     return out

@@ -1,7 +1,7 @@
 """Shared fixtures: the recipe's modules on sys.path, a tiny offline Qwen2.5-VL, and a script runner.
 
-Fixture names are part of the suite's contract (other test files use them): `repo_root`, `tiny_model`, `processor`,
-`run_script`.
+Fixture names are part of the suite's contract (other test files use them): `repo_root`, `tiny_model`, `family_model`,
+`processor`, `run_script`.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ def tiny_model(tmp_path_factory) -> Path:
     from make_tiny_model import build
 
     return build(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2.5-vl", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def family_model(tiny_model, tmp_path_factory):
+    """family_model(family) -> folder of a random-weights tiny model of that family (`qwen2-vl`, `qwen2.5-vl`,
+    `qwen3-vl`: make_tiny_model.py --family), built on first use, once per session; `qwen2.5-vl` is `tiny_model`."""
+    from make_tiny_model import build
+
+    built = {"qwen2.5-vl": tiny_model}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build(tmp_path_factory.mktemp(f"tiny-{family}") / f"tiny-{family}", preset="tiny",
+                                  family=family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""Checkpoint to endpoint, the serving side for real: the merged tiny model (scripts/merge_lora.py, as
-`make merge` writes it) is what `make flexai-checkpoint-push` accepts as inference ready, and vLLM's OpenAI-compatible
-server (the CPU build; FlexAI's `flexai inference serve` runs vLLM) serves it on 127.0.0.1, where scripts/infer.py's
-`--endpoint` client, the code users run against their FlexAI endpoint, asks it about images. The server is bounded in
-time and stopped by the test, whatever happens."""
+"""Checkpoint to endpoint, the serving side for real, for Qwen2.5-VL and Qwen3-VL: the merged tiny model
+(scripts/merge_lora.py, as `make merge` writes it) is what `make flexai-checkpoint-push` accepts as inference ready,
+and vLLM's OpenAI-compatible server (the CPU build; FlexAI's `flexai inference serve` runs vLLM) serves it on
+127.0.0.1, where scripts/infer.py's `--endpoint` client, the code users run against their FlexAI endpoint, asks it
+about images. The server is bounded in time and stopped by the test, whatever happens."""
 
 from __future__ import annotations
 
@@ -37,10 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def merged(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "merged"
-    merge_lora.main(["--adapter", str(make_adapter(tiny_model)), "--output_dir", str(out)])
+# The seed's family, and one other (issue 20): Qwen3-VL, whose processor, chat template and weight layout differ most.
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
+def merged(request, family_model, tmp_path_factory):
+    family = request.param
+    out = tmp_path_factory.mktemp(f"serve-{family}") / "merged"
+    adapter = make_adapter(family_model(family), name=f"adapter-{family}")
+    merge_lora.main(["--adapter", str(adapter), "--output_dir", str(out)])
     return out
 
 

@@ -1,4 +1,5 @@
-"""The batched vision window attention (code/vlm-grpo/vision_attention.py) against transformers' per-window loop."""
+"""The batched vision attention (code/vlm-grpo/vision_attention.py) against transformers' per-chunk loop: windows and
+images of Qwen2.5-VL's tower, images of Qwen2-VL's and Qwen3-VL's."""
 
 import pytest
 import torch
@@ -104,9 +105,50 @@ def test_training_script_switch(tiny_model):
     assert script_args.batched_vision_attention is False
     try:
         vision_attention.enable_batched_vision_attention(script_args.batched_vision_attention)
-        assert Qwen2_5_VLVisionAttention.forward is vision_attention._UPSTREAM_FORWARD
+        assert Qwen2_5_VLVisionAttention.forward is vision_attention._UPSTREAM[Qwen2_5_VLVisionAttention]
         script_args, _, _ = grpo_vlm.parse_args(argv)
         vision_attention.enable_batched_vision_attention(script_args.batched_vision_attention)
         assert Qwen2_5_VLVisionAttention.forward is vision_attention._forward
     finally:
         vision_attention.enable_batched_vision_attention(True)
+
+
+@pytest.mark.parametrize("sizes", [MIXED_SIZES, SAME_SIZES], ids=["mixed", "same"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_other_families_towers_output_and_gradient_unchanged(family_model, family, sizes):
+    """Qwen2-VL's and Qwen3-VL's towers (one attention chunk per image) with SDPA: upstream loop vs batched, the
+    features and Qwen3-VL's deepstack features alike."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vision_attention
+
+    folder = family_model(family)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    image_processor = AutoProcessor.from_pretrained(folder).image_processor
+    images = [Image.new("RGB", size, color) for size, color in zip(sizes, ["red", "blue", "green"])]
+    inputs = image_processor(images=images, return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    calls = []
+
+    def features(batched: bool):
+        enable_batched_vision_attention(batched)
+        pixels = inputs["pixel_values"].clone().requires_grad_(True)
+        out = model.model.visual(pixels, grid_thw=grid)
+        if isinstance(out, tuple):  # Qwen3-VL: (features, deepstack features of some blocks)
+            out = torch.cat([out[0], *out[1]])
+        (grad,) = torch.autograd.grad(out.square().sum(), pixels)
+        return out.detach(), grad
+
+    upstream_window_attention = vision_attention.window_attention
+    vision_attention.window_attention = lambda *a: calls.append(a[3]) or upstream_window_attention(*a)
+    try:
+        upstream, upstream_grad = features(False)
+        assert calls == []
+        batched, batched_grad = features(True)
+    finally:
+        vision_attention.window_attention = upstream_window_attention
+        enable_batched_vision_attention(True)
+    assert len(calls) == 2  # the tiny towers' 2 blocks went through the batched form: the comparison is not empty
+    assert calls[0].tolist()[-1] == int(grid.prod(dim=1).sum())  # one chunk a whole image, all images in the call
+    torch.testing.assert_close(batched, upstream, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched_grad, upstream_grad, rtol=1e-4, atol=1e-5)

@@ -46,10 +46,13 @@ def gathered_state(model) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
 
 
-def base_name(peft_name: str) -> str:
-    """PEFT parameter name -> name in the model file (transformers 4.57 loads Qwen2.5-VL's legacy layout,
-    `model.layers.*` / `visual.*`, into `model.language_model.*` / `model.visual.*`)."""
+def base_name(peft_name: str, on_disk: dict | None = None) -> str:
+    """PEFT parameter name -> name in the model file: the model's own name where the file has it (Qwen3-VL saves
+    `model.language_model.*` / `model.visual.*`), else Qwen2/2.5-VL's legacy layout, `model.layers.*` / `visual.*`,
+    which transformers 4.57 loads into those names."""
     name = peft_name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+    if on_disk is not None and name in on_disk:
+        return name
     return re.sub(r"^model\.visual\.", "visual.", re.sub(r"^model\.language_model\.", "model.", name))
 
 
@@ -75,7 +78,7 @@ def vllm_sync_report(trainer, on_disk: dict[str, torch.Tensor]) -> dict:
     vllm_model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
     vllm_params = {n: p.detach().float() for n, p in vllm_model.named_parameters()}
     text = trainer.model.config.get_text_config()
-    head_dim = text.hidden_size // text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads  # Qwen3-VL states it
     q_size, kv_size = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
     lora = trainer.model.peft_config["default"]
     scale = lora.lora_alpha / lora.r
@@ -85,7 +88,7 @@ def vllm_sync_report(trainer, on_disk: dict[str, torch.Tensor]) -> dict:
         got = {"q": qkv[:q_size], "k": qkv[q_size : q_size + kv_size], "v": qkv[q_size + kv_size :]}
         entry = {}
         for proj in ("q", "k", "v"):
-            base = on_disk[f"model.layers.{i}.self_attn.{proj}_proj.weight"].float()
+            base = on_disk[base_name(f"model.language_model.layers.{i}.self_attn.{proj}_proj.weight", on_disk)].float()
             prefix = f"base_model.model.model.language_model.layers.{i}.self_attn.{proj}_proj"
             delta = torch.zeros_like(base)
             if f"{prefix}.lora_A.default.weight" in after:
@@ -100,9 +103,25 @@ def vllm_sync_report(trainer, on_disk: dict[str, torch.Tensor]) -> dict:
         layers.append(entry)
     base_changed = [
         n for n, t in after.items()
-        if "lora_" not in n and (k := base_name(n)) in on_disk and not torch.equal(t.to(on_disk[k].dtype), on_disk[k])
+        if "lora_" not in n and (k := base_name(n, on_disk)) in on_disk and not torch.equal(t.to(on_disk[k].dtype), on_disk[k])
     ]
     return {"layers": layers, "trainer_base_changed_after_sync": base_changed, "lora_scale": scale}
+
+
+def record_engine_prompts(path: Path) -> None:
+    """Every prompt the M8 check compares (the trainer's ids, the ids vLLM reports it ran) goes to `path` as this rank's
+    JSON list, so a test reads what vLLM saw for each image size."""
+    import vllm_colocate
+
+    check = vllm_colocate.check_engine_prompts
+    seen = []
+
+    def recording_check(trainer_ids, engine_ids):
+        seen.extend({"trainer": list(map(int, t)), "engine": list(map(int, e))} for t, e in zip(trainer_ids, engine_ids))
+        path.write_text(json.dumps(seen))
+        return check(trainer_ids, engine_ids)
+
+    vllm_colocate.check_engine_prompts = recording_check  # align_prompts_with_vllm looks it up at each rollout
 
 
 def weights_report(trainer, recorder: WeightRecorder, model_args, training_args, adapter=None) -> dict | None:
@@ -120,9 +139,9 @@ def weights_report(trainer, recorder: WeightRecorder, model_args, training_args,
     for name, tensor in recorder.end.items():
         if "lora_" in name:
             continue
-        key = base_name(name)
+        key = base_name(name, on_disk)
         if key == "lm_head.weight" and key not in on_disk:  # tied to the embeddings, not stored
-            key = "model.embed_tokens.weight"
+            key = base_name("model.language_model.embed_tokens.weight", on_disk)
         base[key] = not torch.equal(tensor.to(on_disk[key].dtype), on_disk[key]) if key in on_disk else None
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return {
@@ -147,6 +166,10 @@ def weights_report(trainer, recorder: WeightRecorder, model_args, training_args,
 def main() -> None:
     report_path, argv = Path(sys.argv[1]), sys.argv[2:]
     script_args, training_args, model_args = grpo_vlm.parse_args(argv)
+    if training_args.use_vllm:
+        import os
+
+        record_engine_prompts(report_path.with_name(f"{report_path.stem}-prompts-rank{os.environ.get('RANK', '0')}.json"))
     processor = grpo_vlm.setup(script_args, training_args, model_args)
     recorder = WeightRecorder()
     trainer = grpo_vlm.train(script_args, training_args, model_args, processor, callbacks=[recorder])

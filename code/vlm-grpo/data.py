@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from families import image_geometry
 from rewards import BOX_RE, SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -249,20 +250,19 @@ def make_prompt(problem: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
 
 def model_image_size(width: int, height: int, image_processor) -> tuple[int, int]:
     """(width, height) of the image the model sees: the processor's resize (transformers' qwen2_vl smart_resize) to
-    multiples of 28 within min/max_pixels. Qwen2.5-VL states boxes in pixels of this image."""
+    multiples of patch x merge (28 for Qwen2/2.5-VL, 32 for Qwen3-VL: families.image_geometry) within
+    min/max_pixels. Qwen2.5-VL states boxes in pixels of this image."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    patch, merge = image_processor.patch_size, image_processor.merge_size
-    min_pixels = image_processor.min_pixels if image_processor.min_pixels is not None else image_processor.size["shortest_edge"]
-    max_pixels = image_processor.max_pixels if image_processor.max_pixels is not None else image_processor.size["longest_edge"]
+    patch, merge, min_pixels, max_pixels = image_geometry(image_processor)
     h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
     return w, h
 
 
 def image_token_count(width: int, height: int, image_processor) -> int:
-    """Tokens Qwen2.5-VL spends on one image: one per merged patch after the processor's resize."""
+    """Tokens the model spends on one image: one per merged patch after the processor's resize."""
     w, h = model_image_size(width, height, image_processor)
-    patch, merge = image_processor.patch_size, image_processor.merge_size
+    patch, merge, _, _ = image_geometry(image_processor)
     return (h // patch) * (w // patch) // (merge * merge)
 
 
@@ -387,9 +387,9 @@ def prepare_dataset(
 
     `ds` is in the one row shape (`load_raw_dataset`; `canonical_columns` for a dataset built elsewhere). Every image
     of a row goes through the same rules: an image with a side over `max_image_side` is downscaled to fit, aspect
-    ratio kept (`image_policy="downscale"`), or its row dropped (`"drop"`): Qwen2.5-VL spends one token per 28x28
-    pixels, so big images blow memory and vLLM's batch budget (trl#3788). The stored image is the downscaled one, so
-    the trainer's processor and vLLM see the same pixels and count the same tokens; a gold box in the `<answer>` of
+    ratio kept (`image_policy="downscale"`), or its row dropped (`"drop"`): Qwen2/2.5-VL spend one token per 28x28
+    pixels, Qwen3-VL one per 32x32, so big images blow memory and vLLM's batch budget (trl#3788). The stored image is
+    the downscaled one, so the trainer's processor and vLLM see the same pixels and count the same tokens; a gold box in the `<answer>` of
     a one-image row (`[x1, y1, x2, y2]`, the grounding form) is scaled with its image. Each row gets `image_sizes`
     and `model_image_sizes`, [width, height] per image as stored and as the model sees it (the processor's resize),
     so a reward can move a box between the two frames (rewards.iou_reward). Dropped, with counts: empty

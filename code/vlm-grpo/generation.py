@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 # Tokens that only the processor may place: a generated `<|image_pad|>` makes the next forward pass fail with
 # "Image features and image tokens do not match" (fix ledger M5; R1-V#91 reports the same from vLLM). Training
-# (grpo_vlm.py) and evaluation/inference (this module) ban the same ones, from here.
-VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# (grpo_vlm.py) and evaluation/inference (this module) ban the same ones; which they are is a fact of the model
+# family (families.py: the same strings in Qwen2-VL, Qwen2.5-VL and Qwen3-VL).
+from families import VISION_SPECIAL_TOKENS  # noqa: E402
 
 
 def vision_token_ban(tokenizer, use_vllm: bool) -> dict:

@@ -1,5 +1,9 @@
 """GRPO + LoRA fine-tuning of Qwen2.5-VL with TRL's GRPOTrainer, vLLM (colocate) and DeepSpeed ZeRO-3.
 
+`--model_name_or_path` also takes Qwen2-VL and Qwen3-VL (dense) checkpoints: what differs between the families (image
+tokens per pixel, special token ids, tied head) is read from the checkpoint (families.py); `make_tiny_model.py --family`
+builds an offline tiny model of each.
+
 The seed recipe (2 GPUs, FlexAI runtime `pytorch-28-vllm-0110-nvidia`):
 
     accelerate launch --config_file=code/vlm-grpo/deepspeed_zero3.yaml code/vlm-grpo/grpo_vlm.py \\
@@ -68,6 +72,7 @@ from path_checks import PathError, check_model_path, check_output_dir, model_loa
 from resume import RESUME_MODES, resume_point  # noqa: E402
 from rewards import REWARD_FUNCS, SYSTEM_PROMPT, RewardError, check_reward_funcs, get_reward_funcs  # noqa: E402
 from vision_attention import enable_batched_vision_attention  # noqa: E402
+import families  # noqa: E402
 
 import vllm_colocate  # noqa: E402  (as a module: the benchmark's stand-in replaces vllm_importable)
 
@@ -110,9 +115,9 @@ class VLMGRPOScriptArguments(ScriptArguments):
     max_image_side: int | None = field(
         default=512,
         metadata={
-            "help": "Longest image side, in pixels (0: no limit). Qwen2.5-VL spends one token per 28x28 pixels, so "
-            "512 caps an image at 324 tokens (18x18 after the processor rounds sides to multiples of 28). What happens "
-            "to a larger image: see --image_policy."
+            "help": "Longest image side, in pixels (0: no limit). Qwen2/2.5-VL spend one token per 28x28 pixels, so "
+            "512 caps an image at 324 tokens (18x18 after the processor rounds sides to multiples of 28); Qwen3-VL one "
+            "per 32x32 (256 tokens). What happens to a larger image: see --image_policy."
         },
     )
     image_policy: str = field(
@@ -173,10 +178,10 @@ class VLMGRPOScriptArguments(ScriptArguments):
     batched_vision_attention: bool = field(
         default=True,
         metadata={
-            "help": "Run the vision tower's window attention as one SDPA call per window size instead of one per "
-            "window (same result; transformers 4.57's per-window loop cost about 30 %% of the training forward pass "
-            "with 16 images per micro-batch, see vision_attention.py). --no_batched_vision_attention restores "
-            "the upstream loop."
+            "help": "Run the vision tower's attention as one SDPA call per window (or image) size instead of one per "
+            "window or image (same result; transformers 4.57's per-window loop cost about 30 %% of Qwen2.5-VL's "
+            "training forward pass with 16 images per micro-batch, see vision_attention.py). "
+            "--no_batched_vision_attention restores the upstream loop."
         },
     )
     vllm_fast_paths: bool = field(
@@ -377,6 +382,20 @@ def resolve_args(script_args, training_args, model_args, processor=None) -> None
 # ---- stages -----------------------------------------------------------------------------------------------
 
 
+def requested_fixes(script_args, training_args, model_args) -> list[str]:
+    """The model-touching fixes of families.FIXES this run relies on."""
+    fixes = ["vision_token_mask", "image_token_budget"]
+    if training_args.gradient_checkpointing:
+        fixes.append("zero3_checkpointing")
+    if script_args.batched_vision_attention:
+        fixes.append("batched_vision_attention")
+    if training_args.use_vllm:
+        fixes += ["collapse_image_pads", "tied_head_lora_refusal"]
+    if "iou" in script_args.reward_funcs:
+        fixes.append("iou_reward")
+    return fixes
+
+
 def setup(script_args, training_args, model_args):
     """Checks and derived settings shared by training and --dry_run; returns the processor."""
     import torch
@@ -392,12 +411,15 @@ def setup(script_args, training_args, model_args):
             "stage3_prefetch_bucket_size": script_args.zero3_prefetch_bucket_size,
         },
     )
-    enable_batched_vision_attention(script_args.batched_vision_attention)
     check_output_location(script_args, training_args)
     try:
+        family = families.family_of(model_args)  # config.json only: an unsupported model stops here, in one line
         processor = load_processor(model_args)
     except OSError as err:  # a Hub id that is not there (or not cached offline): transformers' message spans lines
         raise ConfigError(str(model_load_error(model_args.model_name_or_path, err))) from err
+    families.check_processor(family, processor)
+    families.check_fixes(family, requested_fixes(script_args, training_args, model_args))
+    enable_batched_vision_attention(script_args.batched_vision_attention)
     resolve_args(script_args, training_args, model_args, processor)
     vllm_colocate.check_vllm_lora_targets(training_args, model_args)
     return processor

@@ -272,8 +272,9 @@ def iou_reward(completions, solution, image_sizes=None, model_image_sizes=None, 
 
     Frames: the gold box is in pixels of the row's (first) image as stored, after any downscaling (data.py scales
     the gold box with its image). Qwen2.5-VL states boxes in absolute pixels of the image it sees, the processor's
-    resize of that image to multiples of 28 (`model_image_sizes`); the predicted box is scaled from that frame to the
-    stored one (`image_sizes`) before the IoU. Rows without those columns (a dataset built elsewhere) compare the
+    resize of that image to multiples of 28 (`model_image_sizes`; Qwen2-VL and Qwen3-VL state boxes on a relative
+    0..1000 scale instead: families.py refuses this reward for them); the predicted box is scaled from that frame to
+    the stored one (`image_sizes`) before the IoU. Rows without those columns (a dataset built elsewhere) compare the
     boxes as they are. 0.0 for no `<answer>`, no box, a degenerate box (x2 <= x1 or y2 <= y1) or no gold box."""
     n = len(completions)
     image_sizes, model_image_sizes = image_sizes or [None] * n, model_image_sizes or [None] * n

@@ -12,7 +12,8 @@ from checkpoints import CrashConsistentSaveMixin
 import zero3  # noqa: F401  (swaps TRL's unwrap_model_for_generation for the M1'/M2 fixed one)
 from generation import ban_tokens_in_logits, vision_token_ban
 from data import max_images_per_row
-from vllm_colocate import IMAGE_PAD, align_prompts_with_vllm, cpu_thread_binding_workaround, images_per_prompt_limit
+from families import family_from_config
+from vllm_colocate import align_prompts_with_vllm, cpu_thread_binding_workaround, images_per_prompt_limit
 
 
 class VLMGRPOTrainer(CrashConsistentSaveMixin, FastPaths, GRPOTrainer):  # FastPaths: fast_paths.py (F1, F2)
@@ -34,7 +35,8 @@ class VLMGRPOTrainer(CrashConsistentSaveMixin, FastPaths, GRPOTrainer):  # FastP
             if model is not None:
                 ban_tokens_in_logits(model, banned)
         if self.use_vllm:
-            align_prompts_with_vllm(self.vllm_generation, tokenizer.convert_tokens_to_ids(IMAGE_PAD))  # M8
+            # M8: the placeholder id is the checkpoint's own (config.image_token_id, families.py)
+            align_prompts_with_vllm(self.vllm_generation, family_from_config(self.model.config).image_token_id)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

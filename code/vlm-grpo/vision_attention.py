@@ -1,25 +1,38 @@
-"""Qwen2.5-VL's vision window attention as one SDPA call per window size, instead of one per window.
+"""The Qwen vision towers' chunked attention as one SDPA call per chunk length, instead of one per chunk.
 
-Without FlashAttention-2 (not in the FlexAI runtime, nor in this project's pins), transformers 4.57 runs the vision
-tower's attention as one SDPA call per window (`Qwen2_5_VLVisionAttention.forward`, "Process each chunk
-separately"). A 448-px image has 16 windows of 64 patches, so a training micro-batch of 16 images makes 256 SDPA
-calls in each of the 28 windowed blocks, each a few microseconds of GPU work behind tens of microseconds of Python
-and launch overhead, plus one `.tolist()` sync per block. transformers#37363 weighed a padded variant on single
-images and kept the loop; with GRPO's many images per micro-batch it cost about 30 % of the training forward pass
-(3.93 -> 2.75 s per step with 16 images per micro-batch on H200, experiments/vlm-grpo/BENCHMARKS.md).
+Without FlashAttention-2 (not in the FlexAI runtime, nor in this project's pins), transformers 4.57 runs a Qwen vision
+tower's attention as one SDPA call per chunk of `cu_seqlens` ("Process each chunk separately"): per window in
+Qwen2.5-VL's windowed blocks, per image in its full-attention blocks and in every block of Qwen2-VL and Qwen3-VL. A
+448-px image has 16 windows of 64 patches, so a Qwen2.5-VL training micro-batch of 16 images makes 256 SDPA calls in
+each of the 28 windowed blocks, each a few microseconds of GPU work behind tens of microseconds of Python and launch
+overhead, plus one `.tolist()` sync per block. transformers#37363 weighed a padded variant on single images and kept
+the loop; with GRPO's many images per micro-batch it cost about 30 % of the training forward pass (3.93 -> 2.75 s per
+step with 16 images per micro-batch on H200, experiments/vlm-grpo/BENCHMARKS.md). Qwen2-VL and Qwen3-VL make one call
+per image: 16 a block for that micro-batch, one when the images share a size.
 
-Here windows of equal length are stacked along the batch dimension, so a block makes one SDPA call per distinct window
+Here chunks of equal length are stacked along the batch dimension, so a block makes one SDPA call per distinct chunk
 length (one call when every image has the same size). Every query still attends to exactly the keys of its own
-window, so the result equals the upstream loop up to floating-point summation order (tests/test_vision_attention.py).
-Only the `sdpa` implementation is replaced; `eager` and `flash_attention_2` keep the upstream code.
+chunk, so the result equals the upstream loop up to floating-point summation order (tests/test_vision_attention.py,
+each family's tower). The three families' attention modules share one forward (fused qkv, the tower's rotary
+embedding, SDPA per chunk, proj); each class is patched with its own module's rotary function. Only the `sdpa`
+implementation is replaced; `eager` and `flash_attention_2` keep the upstream code.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
 import torch.nn.functional as F
 
-_UPSTREAM_FORWARD = None
+# config.model_type -> (module, class) of the family's vision attention (families.FAMILIES names the families)
+ATTENTION_CLASSES = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+    "qwen3_vl": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
+}
+_UPSTREAM: dict[type, object] = {}  # attention class -> its upstream forward
 
 
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -54,11 +67,12 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def _forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
-    """Qwen2_5_VLVisionAttention.forward with the per-window loop replaced by `window_attention`."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
+    """The vision attention's forward with the per-chunk loop replaced by `window_attention` (any of the three
+    families' classes: the rotary function is the one of the class's own module)."""
+    upstream = _UPSTREAM[type(self)]
     if self.config._attn_implementation != "sdpa" or position_embeddings is None:
-        return _UPSTREAM_FORWARD(self, hidden_states, cu_seqlens, rotary_pos_emb, position_embeddings, **kwargs)
+        return upstream(self, hidden_states, cu_seqlens, rotary_pos_emb, position_embeddings, **kwargs)
+    apply_rotary_pos_emb_vision = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     seq_length = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
@@ -68,11 +82,15 @@ def _forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embe
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
-def enable_batched_vision_attention(enabled: bool = True) -> None:
-    """Switch every Qwen2.5-VL vision attention layer (class-wide, idempotent) to the batched form, or back."""
-    global _UPSTREAM_FORWARD
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+def attention_class(model_type: str) -> type:
+    module, name = ATTENTION_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
 
-    if _UPSTREAM_FORWARD is None:
-        _UPSTREAM_FORWARD = Qwen2_5_VLVisionAttention.forward
-    Qwen2_5_VLVisionAttention.forward = _forward if enabled else _UPSTREAM_FORWARD
+
+def enable_batched_vision_attention(enabled: bool = True) -> None:
+    """Switch every vision attention layer of the three families (class-wide, idempotent) to the batched form, or
+    back to upstream's."""
+    for model_type in ATTENTION_CLASSES:
+        cls = attention_class(model_type)
+        _UPSTREAM.setdefault(cls, cls.forward)
+        cls.forward = _forward if enabled else _UPSTREAM[cls]

@@ -5,8 +5,9 @@ cause; all are exercised through vLLM itself by tests/test_vllm_colocate.py (CPU
 
 M8  first rollout: `ValueError: Attempted to assign 16 + ... = 128 multimodal tokens to 248 placeholders`.
     TRL tokenizes the prompt with the HF processor, which already expanded each image's `<|image_pad|>` into one
-    token per 28x28 patch, and hands vLLM those ids *and* the image. vLLM 0.11.0's Qwen2.5-VL input processor
-    expands every `<|image_pad|>` it finds again (huggingface/trl#6294, open; fix PRs #6718/#6719). Fix: vLLM gets
+    token per merged patch (28x28 pixels; 32x32 for Qwen3-VL), and hands vLLM those ids *and* the image. vLLM
+    0.11.0's Qwen2-VL, Qwen2.5-VL and Qwen3-VL input processors expand every `<|image_pad|>` they find again
+    (huggingface/trl#6294 and, for Qwen3-VL, trl#6401, open; fix PRs #6718/#6719). Fix: vLLM gets
     the same ids with each run of `<|image_pad|>` collapsed to one token, so its own expansion reproduces exactly the
     ids the trainer scores; the ids vLLM reports back are checked against the trainer's, so a future mismatch
     (another processor, a resized image) stops the run with a clear error instead of training on misaligned tokens.
@@ -40,7 +41,7 @@ from config_error import ConfigError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PAD = "<|image_pad|>"
+from families import IMAGE_TOKEN as IMAGE_PAD  # noqa: E402  (the placeholder M8 collapses: families.py)
 
 
 # ---- M8: prompt ids vLLM expands to exactly the trainer's ----------------------------------------------------------
@@ -193,7 +194,9 @@ def check_vllm_lora_targets(training_args, model_args) -> None:
     `lm_head` *is* its `embed_tokens` (one tensor in transformers, one module in vLLM), so the merged head also
     replaces vLLM's input embeddings, which the trainer keeps unmerged. The two policies drift apart as the adapter
     grows: measured on the tiny model, the importance-sampling ratio left ~1 after about 16 steps (0.0008..9.6) and
-    the learned reward collapsed (experiments/vlm-grpo/cpu-results/vllm-lora-on-tied-lm-head.json). Qwen2.5-VL-3B ties them; q_proj/v_proj (the seed's targets) are not affected."""
+    the learned reward collapsed (experiments/vlm-grpo/cpu-results/vllm-lora-on-tied-lm-head.json). Which checkpoints
+    tie them is read from the config (families.tied_lm_head): Qwen2.5-VL-3B, Qwen2-VL-2B and Qwen3-VL-2B/4B do, the
+    7B/8B and larger do not; q_proj/v_proj (the seed's targets) are not affected."""
     if not (training_args.use_vllm and model_args.use_peft and model_args.lora_target_modules):
         return
     targets = model_args.lora_target_modules
@@ -201,11 +204,9 @@ def check_vllm_lora_targets(training_args, model_args) -> None:
     tied_modules = [t for t in targets if t in ("lm_head", "embed_tokens")]  # PEFT's all-linear skips lm_head
     if not tied_modules:
         return
-    config = model_config(model_args)
-    tied = getattr(config, "tie_word_embeddings", None)
-    if tied is None:
-        tied = config.get_text_config().tie_word_embeddings
-    if tied:
+    from families import tied_lm_head
+
+    if tied_lm_head(model_config(model_args)):
         raise ConfigError(
             f"--lora_target_modules {' '.join(tied_modules)} with --use_vllm: this model ties lm_head to its input "
             "embeddings, so vLLM would run the merged head as its embeddings too and sample from another policy than "
