@@ -18,86 +18,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code" / "vlm-grpo"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 import fit_check  # noqa: E402
+import make_tiny_model  # noqa: E402
 
 RESULTS = REPO / "experiments" / "vlm-grpo" / "bench-results"
 CALIBRATION = RESULTS / "fit-calibration.json"
 TABLE = RESULTS / "fit-table.json"
 
-# The real checkpoints' config.json values (the fields that size the model), nested the way transformers 4.57.6
-# reads them. The checkpoints cannot be downloaded here; each entry names where its values were read, and
+# The real checkpoints, sized by scripts/make_tiny_model.py's presets of their architectures (the one place their
+# config.json values are written; each names where its values were read). The checkpoints cannot be downloaded here;
 # tests/test_fit_check.py checks that transformers builds each with the parameter count the model card publishes.
-_QWEN3_ROPE = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}
 ARCHITECTURES = {
-    "Qwen2-VL-2B": dict(
-        source="Qwen/Qwen2-VL-2B-Instruct config.json",
-        config=dict(model_type="qwen2_vl", tie_word_embeddings=True,
-                    text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                     num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                     tie_word_embeddings=True),
-                    vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536,
-                                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2))),
-    "Qwen2-VL-7B": dict(
-        source="Qwen/Qwen2-VL-7B-Instruct config.json",
-        config=dict(model_type="qwen2_vl", tie_word_embeddings=False,
-                    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                     tie_word_embeddings=False),
-                    vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584,
-                                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2))),
-    "Qwen2.5-VL-3B": dict(
-        source="Qwen/Qwen2.5-VL-3B-Instruct config.json (scripts/make_tiny_model.py --preset 3b, the benchmarks' "
-               "model)",
-        config=dict(model_type="qwen2_5_vl", tie_word_embeddings=True,
-                    text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                     num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                                     tie_word_embeddings=True),
-                    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                       out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31], window_size=112))),
-    "Qwen2.5-VL-7B": dict(
-        source="Qwen/Qwen2.5-VL-7B-Instruct config.json",
-        config=dict(model_type="qwen2_5_vl", tie_word_embeddings=False,
-                    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                     tie_word_embeddings=False),
-                    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                       out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31], window_size=112))),
-    "Qwen2.5-VL-32B": dict(
-        source="Qwen/Qwen2.5-VL-32B-Instruct config.json",
-        config=dict(model_type="qwen2_5_vl", tie_word_embeddings=False,
-                    text_config=dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                                     num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                                     tie_word_embeddings=False),
-                    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16,
-                                       out_hidden_size=5120, fullatt_block_indexes=[7, 15, 23, 31], window_size=112))),
-    "Qwen3-VL-2B": dict(
-        source="Qwen/Qwen3-VL-2B-Instruct config.json (as mirrored by pytorch/torchtitan's qwen3_vl '2B' flavor)",
-        config=dict(model_type="qwen3_vl", tie_word_embeddings=True,
-                    text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                                     rope_scaling=_QWEN3_ROPE, tie_word_embeddings=True),
-                    vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
-                                       out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17],
-                                       num_position_embeddings=2304, patch_size=16))),
-    "Qwen3-VL-4B": dict(
-        source="Qwen/Qwen3-VL-4B-Instruct config.json",
-        config=dict(model_type="qwen3_vl", tie_word_embeddings=True,
-                    text_config=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                                     rope_scaling=_QWEN3_ROPE, tie_word_embeddings=True),
-                    vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
-                                       out_hidden_size=2560, deepstack_visual_indexes=[5, 11, 17],
-                                       num_position_embeddings=2304, patch_size=16))),
-    "Qwen3-VL-8B": dict(
-        source="Qwen/Qwen3-VL-8B-Instruct config.json",
-        config=dict(model_type="qwen3_vl", tie_word_embeddings=False,
-                    text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                                     rope_scaling=_QWEN3_ROPE, tie_word_embeddings=False),
-                    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                                       out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24],
-                                       num_position_embeddings=2304, patch_size=16))),
+    "Qwen2-VL-2B": dict(family="qwen2-vl", preset="2b", source="Qwen/Qwen2-VL-2B-Instruct config.json"),
+    "Qwen2-VL-7B": dict(family="qwen2-vl", preset="7b", source="Qwen/Qwen2-VL-7B-Instruct config.json"),
+    "Qwen2.5-VL-3B": dict(family="qwen2.5-vl", preset="3b",
+                          source="Qwen/Qwen2.5-VL-3B-Instruct config.json (scripts/make_tiny_model.py --preset 3b, "
+                                 "the benchmarks' model)"),
+    "Qwen2.5-VL-7B": dict(family="qwen2.5-vl", preset="7b", source="Qwen/Qwen2.5-VL-7B-Instruct config.json"),
+    "Qwen2.5-VL-32B": dict(family="qwen2.5-vl", preset="32b", source="Qwen/Qwen2.5-VL-32B-Instruct config.json"),
+    "Qwen3-VL-2B": dict(family="qwen3-vl", preset="2b",
+                        source="Qwen/Qwen3-VL-2B-Instruct config.json (as mirrored by pytorch/torchtitan's qwen3_vl "
+                               "'2B' flavor)"),
+    "Qwen3-VL-4B": dict(family="qwen3-vl", preset="4b", source="Qwen/Qwen3-VL-4B-Instruct config.json"),
+    "Qwen3-VL-8B": dict(family="qwen3-vl", preset="8b", source="Qwen/Qwen3-VL-8B-Instruct config.json"),
 }
 
 # The seed command's flags, as far as memory goes (grpo_vlm.py's docstring; TRL 1.2.0's defaults where it sets none).
@@ -112,7 +57,7 @@ TABLE_IMAGE_SIDE = 512  # --max_image_side's default: the largest image a defaul
 def config_of(name: str):
     from transformers import AutoConfig
 
-    spec = dict(ARCHITECTURES[name]["config"])
+    spec = make_tiny_model.size_config(ARCHITECTURES[name]["family"], ARCHITECTURES[name]["preset"])
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 

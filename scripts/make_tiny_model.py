@@ -152,7 +152,8 @@ PRESETS["32b"] = {
     "text": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                  num_key_value_heads=8, max_position_embeddings=128000, rope_theta=1000000.0,
                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
-    "vision": {**PRESETS["3b"]["vision"], "out_hidden_size": 5120},
+    # the 32B's vision MLP is wider than the 3B's and 7B's (3456, not 3420): 33,452,718,336 parameters as published
+    "vision": {**PRESETS["3b"]["vision"], "out_hidden_size": 5120, "intermediate_size": 3456},
     "vocab_size": 152064,
 }
 
@@ -335,6 +336,18 @@ FAMILY_CLASSES = {
                    "Qwen2VLVideoProcessor"),
     "qwen3-vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
 }
+
+
+MODEL_TYPES = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
+
+
+def size_config(family: str, preset: str) -> dict:
+    """A size preset as the fields of its config.json that size the model (`AutoConfig.for_model(**...)`), without
+    building a tokenizer: scripts/fit_report.py sizes the real checkpoints from these same presets."""
+    spec = preset_spec(family, preset)
+    tied = spec["text"]["tie_word_embeddings"]
+    return dict(model_type=MODEL_TYPES[family], tie_word_embeddings=tied,
+                text_config={**spec["text"], "vocab_size": spec["vocab_size"]}, vision_config=dict(spec["vision"]))
 
 
 def preset_spec(family: str, preset: str) -> dict:
