@@ -167,28 +167,26 @@ QWEN2_VL_PRESETS = {
         bpe_vocab=600,
         pad_vocab_to=None,
     ),
-    # Public values of Qwen/Qwen2-VL-2B-Instruct's and -7B-Instruct's config.json.
-    "2b": dict(
-        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True),
-        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2),
-        bpe_vocab=2000,
-        pad_vocab_to=151643,
-        vocab_size=151936,
-    ),
-    "7b": dict(
-        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
-                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
-        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2),
-        bpe_vocab=2000,
-        pad_vocab_to=151643,
-        vocab_size=152064,
-    ),
 }
+
+
+def _qwen2_vl_preset(hidden, intermediate, heads, kv_heads, tied, vocab_size):
+    """Public values of Qwen/Qwen2-VL-{2B,7B}-Instruct's config.json (both: 28 layers, a 32-block vision tower of width
+    1280 merging into the text width, 32k context)."""
+    return dict(
+        text=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=28, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=32768, rope_theta=1000000.0,
+                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=tied),
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=hidden, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        bpe_vocab=2000,
+        pad_vocab_to=151643,
+        vocab_size=vocab_size,
+    )
+
+
+QWEN2_VL_PRESETS["2b"] = _qwen2_vl_preset(1536, 8960, 12, 2, True, 151936)
+QWEN2_VL_PRESETS["7b"] = _qwen2_vl_preset(3584, 18944, 28, 4, False, 152064)
 
 # Qwen3-VL (dense): 16-px patches and a 2x2 merge, so one token per 32x32 pixels; an explicit head_dim; interleaved
 # M-RoPE; learned vision position embeddings (a square grid, interpolated to the image); "deepstack" features of some
