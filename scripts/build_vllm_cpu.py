@@ -83,7 +83,9 @@ def cached_wheel(wheel_dir: Path) -> Path | None:
 def installer(python: str) -> list[str]:
     """`uv pip install` into that interpreter's environment where set-up put uv there (the Makefile does), else pip."""
     has_uv = subprocess.run([python, "-c", "import uv"], capture_output=True, check=False).returncode == 0
-    return [python, "-m", "uv", "pip", "install", "-q", "--python", python] if has_uv else [python, "-m", "pip", "install", "-q"]
+    # --compile-bytecode: pip's default (the Makefile's install says why it matters)
+    uv = [python, "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", python]
+    return uv if has_uv else [python, "-m", "pip", "install", "-q"]
 
 
 def ensure_numa_headers() -> None:
