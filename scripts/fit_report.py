@@ -21,13 +21,13 @@ sys.path.insert(0, str(REPO / "code" / "vlm-grpo"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import fit_check  # noqa: E402
-import make_tiny_model  # noqa: E402
+import model_presets  # noqa: E402
 
 RESULTS = REPO / "experiments" / "vlm-grpo" / "bench-results"
 CALIBRATION = RESULTS / "fit-calibration.json"
 TABLE = RESULTS / "fit-table.json"
 
-# The real checkpoints, sized by scripts/make_tiny_model.py's presets of their architectures (the one place their
+# The real checkpoints, sized by the presets of their architectures in scripts/model_presets.py (the one place their
 # config.json values are written; each names where its values were read). The checkpoints cannot be downloaded here;
 # tests/test_fit_check.py checks that transformers builds each with the parameter count the model card publishes.
 ARCHITECTURES = {
@@ -57,7 +57,7 @@ TABLE_IMAGE_SIDE = 512  # --max_image_side's default: the largest image a defaul
 def config_of(name: str):
     from transformers import AutoConfig
 
-    spec = make_tiny_model.size_config(ARCHITECTURES[name]["family"], ARCHITECTURES[name]["preset"])
+    spec = model_presets.size_config(ARCHITECTURES[name]["family"], ARCHITECTURES[name]["preset"])
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 

@@ -100,7 +100,7 @@ def refigure(report: dict, source: str) -> dict:
     padded and real tokens per step, and its GPU's name and matmul rate. Its recompute FLOPs were counted with every
     decoder layer's down_proj re-run, which non-reentrant checkpointing never does (tests/test_bench.py), so that term,
     2·d·ff·L per padded token, is taken out first. The raw file is not modified; this is written beside it."""
-    from make_tiny_model import PRESETS
+    from model_presets import PRESETS
 
     text = PRESETS["3b"]["text"]  # the architecture every device call ran
     down_proj = 2 * text["hidden_size"] * text["intermediate_size"] * text["num_hidden_layers"]
