@@ -11,7 +11,14 @@ import _proc  # every test process: time-bounded, whole tree killed (tests/_proc
 
 from _tiny import REPO
 
-SCRIPTS = ["code/vlm-grpo/grpo_vlm.py", *sorted(f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py"))]
+LIBRARIES = {"model_presets.py"}  # modules in scripts/ that the scripts import, not scripts: no command line
+SCRIPTS = ["code/vlm-grpo/grpo_vlm.py",
+           *sorted(f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if p.name not in LIBRARIES)]
+
+
+def test_the_libraries_in_scripts_have_no_command_line():
+    for name in LIBRARIES:
+        assert "__main__" not in (REPO / "scripts" / name).read_text(), f"{name} is a script: test its --help"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
