@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model_presets import DEFAULT_FAMILY, FAMILY_PRESETS, MODEL_TYPES, PRESETS, preset_spec, size_config  # noqa: F401
+from model_presets import DEFAULT_FAMILY, FAMILY_PRESETS, preset_spec
 
 # Qwen2's special tokens, in Qwen's order (their ids follow the regular vocabulary, as in the real tokenizer).
 SPECIAL_TOKENS = [

@@ -24,15 +24,16 @@ _ROOT = Path(tempfile.mkdtemp(prefix="vlm-grpo-tiny-"))
 def wide_model_dir() -> Path:
     """Another tiny Qwen2.5-VL whose text layers are twice as wide: an adapter of the tiny one cannot fit it."""
     import make_tiny_model
+    from model_presets import PRESETS
 
-    spec = {k: dict(v) if isinstance(v, dict) else v for k, v in make_tiny_model.PRESETS["tiny"].items()}
+    spec = {k: dict(v) if isinstance(v, dict) else v for k, v in PRESETS["tiny"].items()}
     spec["text"].update(hidden_size=256, intermediate_size=512, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
     spec["vision"].update(out_hidden_size=256)  # the merger projects into the text width
-    make_tiny_model.PRESETS["_wide_test"] = spec
+    PRESETS["_wide_test"] = spec
     try:
         return make_tiny_model.build(_ROOT / "wide-qwen2.5-vl", preset="_wide_test")
     finally:
-        del make_tiny_model.PRESETS["_wide_test"]
+        del PRESETS["_wide_test"]
 
 
 @functools.cache

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from config_error import ConfigError
-from make_tiny_model import FAMILY_PRESETS, SPECIAL_TOKENS, preset_spec
+from make_tiny_model import SPECIAL_TOKENS
+from model_presets import FAMILY_PRESETS, preset_spec
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 MODEL_TYPE = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}

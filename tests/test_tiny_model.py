@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from make_tiny_model import PRESETS, SPECIAL_TOKENS
+from make_tiny_model import SPECIAL_TOKENS
+from model_presets import PRESETS
 
 # head sizes vLLM's attention backends support (vllm/attention: FlashAttention and PagedAttention kernels)
 VLLM_HEAD_DIMS = {64, 80, 96, 112, 128, 256}

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import shutil
 import subprocess
@@ -124,9 +123,10 @@ def test_a_built_wheel_is_reused(tmp_path):
     assert not (tmp_path / "work").exists(), "no download, no build"
 
 
-def _pins(path: Path) -> dict[str, str]:
+def _pins(text: str) -> dict[str, str]:
+    """{name: version} of the `name==version` lines of a requirements text (comments dropped, names normalized)."""
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         requirement = line.split("#")[0].strip()
         if "==" in requirement:
             name, version = requirement.split("==")
@@ -148,12 +148,8 @@ def test_flexai_requirements_resolve_next_to_the_runtimes_vllm_and_torch(tmp_pat
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resolved = {}
-    for line in proc.stdout.splitlines():
-        if "==" in line and not line.startswith((" ", "#")):
-            name, version = line.strip().split("==")
-            resolved[name.split("[")[0].lower().replace("_", "-")] = version
+    resolved = _pins(proc.stdout)  # uv writes the resolution as a requirements text
     assert resolved["vllm"] == "0.11.0" and resolved["torch"] == "2.8.0"
-    pins = _pins(REPO / "code" / "vlm-grpo" / "requirements.txt")
+    pins = _pins((REPO / "code" / "vlm-grpo" / "requirements.txt").read_text())
     assert len(pins) == 9  # the file's nine pins: a parse that found none would make the next line vacuous
     assert {name: resolved.get(name) for name in pins} == pins
