@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "code" / "vlm-grpo"
 SCRIPT = RECIPE_DIR / "grpo_vlm.py"
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 # grpo_vlm.py imports its siblings (data, rewards, zero3, ...) as top-level modules; so do the tests.
 for _path in (RECIPE_DIR, REPO_ROOT / "scripts"):
@@ -29,6 +27,18 @@ for _path in (RECIPE_DIR, REPO_ROOT / "scripts"):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# torch.compile on CPU: the CPU build of vLLM compiles its model and its sampler (vllm/v1/sample/ops/
+# topk_topp_sampler.py, forward_cpu) in every engine, so every engine the suite starts pays inductor's start-up.
+# Its vector-ISA probe builds a test library per ISA and loads each in a fresh interpreter that imports torch
+# (torch/_inductor/cpu_vec_isa.py, check_build), even with the compile cache warm; without it the ISA is still
+# chosen from the CPU's flags (avx512 amx_tile here, with the probe or without). Its compile-worker pool starts more
+# interpreters on 2 cores (vllm/env_override.py sets 1 thread where vLLM is imported; the launcher does not). One 2-process launch of the seed's vLLM flags: 29.0 s without these,
+# 23.7 s with them (means of 2: tests/time_launch.py, experiments/vlm-grpo/cpu-results/suite-speedups.json).
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import _forkserver  # noqa: E402  (after the environment above: it is the fork server's)
 
 
 def pytest_configure(config):
@@ -93,16 +103,13 @@ def processor(tiny_model):
     return AutoProcessor.from_pretrained(tiny_model, padding_side="left", truncation_side="left")
 
 
-def _python() -> str:
-    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-
-
 @pytest.fixture(scope="session")
 def run_script():
     """run_script(args, env=None, timeout=300) -> CompletedProcess of `python code/vlm-grpo/grpo_vlm.py ARGS`.
 
     Runs offline (HF_HUB_OFFLINE=1) from the repository root; `env` entries are added to (and override) a copy of
-    the current environment; a value of None removes that variable.
+    the current environment; a value of None removes that variable. A fork of tests/_forkserver.py's server where the
+    environment allows it (the libraries imported once), a real process otherwise.
     """
 
     def _run(args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -114,14 +121,7 @@ def run_script():
                 full_env.pop(key, None)
             else:
                 full_env[key] = str(value)
-        return _proc.run(
-            [_python(), str(SCRIPT), *map(str, args)],
-            cwd=REPO_ROOT,
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return _forkserver.run(str(SCRIPT), args, env=full_env, timeout=timeout, cwd=REPO_ROOT)
 
     return _run
 

@@ -2,7 +2,8 @@
 (grpo_vlm.py, merge_lora.py, evaluate.py, infer.py) answers with one `error: ...` line naming the path and what to pass,
 before any model is loaded, and never with a Python traceback (issue 13, item 3).
 
-The command-line cases run the scripts for real in a subprocess; the unit cases call code/vlm-grpo/path_checks.py."""
+The command-line cases run the scripts in a process of their own (grpo_vlm.py and evaluate.py as forks of
+tests/_forkserver.py's server, which has the libraries imported); the unit cases call code/vlm-grpo/path_checks.py."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
-from _tiny import REPO, make_adapter
+import _forkserver  # every test process: time-bounded, whole tree killed (tests/_proc.py, tests/_forkserver.py)
+from _tiny import make_adapter
 
 from path_checks import PathError, check_model_path, check_output_dir, looks_like_local_path
 
-PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
 
@@ -41,8 +40,8 @@ needs_unwritable = pytest.mark.skipif(UNWRITABLE is None, reason="no folder here
 
 
 def run(script: str, *args) -> subprocess.CompletedProcess:
-    return _proc.run([PYTHON, script, *map(str, args)], cwd=REPO, env=OFFLINE, capture_output=True, text=True,
-                          timeout=300)
+    """`python SCRIPT ARGS` (a fork of tests/_forkserver.py's server for the scripts that import the recipe)."""
+    return _forkserver.run(script, args, env=OFFLINE, timeout=300)
 
 
 def the_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -4,12 +4,12 @@ held-out split, adapter and merged model agree, bad inputs fail with a clear mes
 from __future__ import annotations
 
 import json
-import sys
+import os
 
 import pytest
 
-import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
-from _tiny import REPO, make_adapter
+import _forkserver  # every test process: time-bounded, whole tree killed (tests/_proc.py, tests/_forkserver.py)
+from _tiny import make_adapter
 
 import evaluate
 import merge_lora
@@ -131,9 +131,9 @@ def test_bad_arguments_are_refused(tmp_path, flags, message):
 
 
 def test_cli_error_is_one_line(tmp_path, tiny_model):
-    proc = _proc.run([sys.executable, "scripts/evaluate.py", "--model_name_or_path", str(tiny_model),
-                           "--dataset_name", "no-such-dataset", "--output_dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = _forkserver.run("scripts/evaluate.py", ["--model_name_or_path", tiny_model, "--dataset_name",
+                                                   "no-such-dataset", "--output_dir", tmp_path],
+                           env=dict(os.environ), timeout=180)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --dataset_name 'no-such-dataset'")
     assert "Traceback" not in proc.stderr

@@ -4,7 +4,6 @@ processor layout, special tokens and chat template. Expected numbers are worked 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
 import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from checkpoints import checkpoint_problem
 from flexai_stub import offline_seed_script_args
-from test_train_cpu import FAST, PYTHON, REPO, env, launch_cmd
+from test_train_cpu import FAST, REPO, env, launch_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -299,8 +300,8 @@ def read_only_dir(tmp_path):
 def test_unwritable_output_dir_fails_before_training(tiny_model, read_only_dir):
     out = read_only_dir / "run"
     start = time.time()
-    proc = _proc.run([PYTHON, str(REPO / "code/vlm-grpo/grpo_vlm.py"), *script_args(tiny_model, out, 2)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = _forkserver.run(str(REPO / "code/vlm-grpo/grpo_vlm.py"), script_args(tiny_model, out, 2), env=env(),
+                           timeout=120)
     took = time.time() - start
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

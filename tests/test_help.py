@@ -3,11 +3,11 @@ with %, so an unescaped percent sign in a help string crashes it)."""
 
 from __future__ import annotations
 
-import sys
+import os
 
 import pytest
 
-import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
+import _forkserver  # every test process: time-bounded, whole tree killed (tests/_proc.py, tests/_forkserver.py)
 
 from _tiny import REPO
 
@@ -23,12 +23,11 @@ def test_the_libraries_in_scripts_have_no_command_line():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_prints_usage(script):
-    proc = _proc.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _forkserver.run(script, ["--help"], env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
 
 
 def test_training_help_shows_percent_signs():
-    proc = _proc.run([sys.executable, "code/vlm-grpo/grpo_vlm.py", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = _forkserver.run("code/vlm-grpo/grpo_vlm.py", ["--help"], env=dict(os.environ), timeout=300)
     assert "+2 % training throughput" in " ".join(proc.stdout.split())

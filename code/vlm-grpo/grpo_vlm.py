@@ -37,6 +37,7 @@ Add `--dry_run` to either to check arguments, data, processor, batch arithmetic 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -630,3 +631,7 @@ if __name__ == "__main__":
         main(*parse_args())
     except (ConfigError, DatasetError, RewardError) as err:
         sys.exit(f"error: {err}")
+    # The run is over and saved: spare the interpreter's last garbage scan of the millions of long-lived objects that
+    # torch, vLLM and transformers hold (atexit handlers still run). On a 2-core machine a 2-process launch exits
+    # 1.8 s after its `saved:` line instead of 3.7 s (experiments/vlm-grpo/cpu-results/suite-speedups.json).
+    gc.freeze()

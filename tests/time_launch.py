@@ -1,0 +1,111 @@
+"""Time one 2-process launch of the seed's vLLM flags the way the suite launches it (tests/test_train_cpu.launch_cmd,
+tests/test_vllm_colocate.vllm_seed_args: the tiny model, 2 steps, 64-token completions), under the start-up settings
+the suite's speed depends on. Not a test: a measurement, recorded in experiments/vlm-grpo/cpu-results/
+suite-speedups.json.
+
+    .venv/bin/python tests/time_launch.py --repeats 2 --out experiments/vlm-grpo/cpu-results/suite-speedups.json
+
+Variants (each a fresh launch, in turn, `--repeats` times):
+- `suite`: as the suite runs it (tests/conftest.py's inductor settings; grpo_vlm.py freezes the heap at exit);
+- `no_inductor_env`: without TORCHINDUCTOR_VEC_ISA_OK / TORCHINDUCTOR_COMPILE_THREADS;
+- `no_exit_freeze`: the script's exit freeze undone (an atexit handler calls gc.unfreeze(), so the interpreter's last
+  collection scans everything again).
+Each record: the wall time of the launch and the seconds from the `saved:` line to the launcher's exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "code" / "vlm-grpo"), str(HERE.parent / "scripts")]
+
+import _proc  # noqa: E402
+from test_train_cpu import REPO, env, launch_cmd  # noqa: E402
+from test_vllm_colocate import vllm_seed_args  # noqa: E402
+
+UNFREEZE = """import atexit, gc, runpy, sys
+atexit.register(gc.unfreeze)
+sys.argv[0] = {script!r}
+sys.path.insert(0, {folder!r})
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def launch_once(model: Path, work: Path, variant: str) -> dict:
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    entry = "code/vlm-grpo/grpo_vlm.py"
+    run_env = env()
+    if variant == "no_inductor_env":
+        inductor = ("TORCHINDUCTOR_VEC_ISA_OK", "TORCHINDUCTOR_COMPILE_THREADS")
+        run_env = {k: v for k, v in run_env.items() if k not in inductor}
+    if variant == "no_exit_freeze":
+        script = str(REPO / entry)
+        wrapper = work / "unfrozen_grpo_vlm.py"
+        wrapper.write_text(UNFREEZE.format(script=script, folder=str(Path(script).parent)))
+        entry = str(wrapper)
+    log = work / "launch.log"
+    start = time.monotonic()
+    saved_at = None
+    with log.open("w") as sink, _proc.started(launch_cmd(entry, vllm_seed_args(model, out, 2)), cwd=REPO, env=run_env,
+                                               stdout=sink, stderr=subprocess.STDOUT) as proc:
+        while proc.poll() is None:
+            if saved_at is None and "saved: " in log.read_text(errors="replace"):
+                saved_at = time.monotonic()
+            assert time.monotonic() - start < 600, "launch over 10 minutes"
+            time.sleep(0.05)
+        status = proc.wait(timeout=30)
+    end = time.monotonic()
+    assert status == 0, log.read_text(errors="replace")[-3000:]
+    return {"variant": variant, "wall_s": round(end - start, 2),
+            "saved_to_exit_s": round(end - saved_at, 2) if saved_at else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", default="suite,no_inductor_env,no_exit_freeze")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py sets them
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from make_tiny_model import build
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="time-launch-") as tmp:
+        model = build(Path(tmp) / "tiny-qwen2.5-vl", preset="tiny")
+        launch_once(model, Path(tmp), "suite")  # warm-up: DeepSpeed's shm op build, inductor's cache
+        for _ in range(args.repeats):
+            for variant in args.variants.split(","):
+                records.append(launch_once(model, Path(tmp), variant))
+                print(json.dumps(records[-1]), flush=True)
+    summary = {v: {"wall_s": [r["wall_s"] for r in records if r["variant"] == v],
+                   "saved_to_exit_s": [r["saved_to_exit_s"] for r in records if r["variant"] == v]}
+               for v in args.variants.split(",")}
+    result = {
+        "what": "one 2-process launch of the seed's vLLM colocate flags (tiny Qwen2.5-VL, 2 steps, 64-token "
+                "completions, 2 ZeRO-3 CPU processes under accelerate launch), per start-up variant",
+        "command": " ".join([".venv/bin/python tests/time_launch.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": records,
+        "summary": summary,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
