@@ -2,14 +2,14 @@
 fault the next run of the same command finishes with a continuous step count from the last good checkpoint.
 
 One real run (2 steps, a checkpoint per step) is shared by every test through `base_run`; each test copies it and
-continues it to step 3, with a fault injected:
-- kill -9 of one rank at named points of a save: the test-only hook `VLM_GRPO_FAULT=<rank>:<point>`
-  (code/vlm-grpo/checkpoints.py, FAULT_POINTS) makes that process SIGKILL itself there;
+continues it from step 2, with faults injected:
+- in a row on one copy, each run resuming what the one before it left: kill -9 of one rank at named points of step 3's
+  save (the test-only hook `VLM_GRPO_FAULT=<rank>:<point>`, code/vlm-grpo/checkpoints.py FAULT_POINTS, makes that
+  process SIGKILL itself there); a full disk during that save (a file-size limit, RLIMIT_FSIZE, on the launched
+  processes, under which the optimizer shards cannot be written: Python ignores SIGXFSZ, so the write fails, as on a
+  full disk, and torch.save reports `RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos ...`);
+  SIGTERM to the launcher in the middle of training (as a preempted job gets it); then the run finishes;
 - a truncated adapter and a missing optimizer shard in the newest checkpoint (written by the test);
-- SIGTERM to the launcher in the middle of training (as a preempted job gets it);
-- a full disk during the save: a file-size limit (RLIMIT_FSIZE) on the launched processes, under which the optimizer
-  shards cannot be written (Python ignores SIGXFSZ, so the write fails, as on a full disk; torch.save reports it as
-  `RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos ...`);
 - an unwritable output dir at start: a read-only mount (root) or a read-only folder.
 
 `VLM_GRPO_RECORD_FAULTS=<path>` writes the table (fault, how injected, survived, steps lost, what the user sees) to
@@ -130,7 +130,7 @@ def finish_from(tiny_model, out: Path, resumed: int, steps: int = 3) -> subproce
     return proc
 
 
-# ---- kill -9 of one rank during a save --------------------------------------------------------------------------
+# ---- kill -9 of one rank during a save, a full disk, SIGTERM: in a row ----------------------------------------------
 
 
 KILL_POINTS = [
@@ -140,29 +140,93 @@ KILL_POINTS = [
 ]
 
 
-def test_kill9_of_one_rank_at_each_point_of_a_save(tiny_model, tmp_path):
-    """The three points in a row on one copy of the base run: each killed run first resumes checkpoint-2 (what the
-    kill before it left is not taken for a checkpoint), trains step 3 and dies in its save; then the same command
-    finishes. Four launches prove what six did when each point had a run and a finish of its own."""
+def test_kill9_at_each_point_of_a_save_then_a_full_disk_then_sigterm_each_resumed(tiny_model, tmp_path):
+    """Five faults in a row on one copy of the base run (2 steps, a checkpoint each), each run resuming where the one
+    before it left off: kill -9 of one rank at each of three points of step 3's save (each killed run first resumes
+    checkpoint-2: what the kill before it left is not taken for a checkpoint), a full disk during that save, then a
+    SIGTERM once step 3 is trained; the same command then finishes. Six launches prove what ten did when each fault had
+    a copy of the base run and a finishing run of its own."""
     out = copy_base(tiny_model, tmp_path)
+    resumed_2 = f"resuming from {out / 'checkpoint-2'} (step 2)"
+
+    # kill -9 of one rank during a save
     for earlier, (rank, point) in enumerate(KILL_POINTS):
         killed = launch(tiny_model, out, steps=3, extra_env={"VLM_GRPO_FAULT": f"{rank}:{point}"})
         assert killed.returncode != 0
-        assert f"resuming from {out / 'checkpoint-2'} (step 2)" in killed.stderr
+        assert resumed_2 in killed.stderr
         assert f"rank {rank} SIGKILLs itself at {point}" in killed.stdout
         assert "exitcode  : -9" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr  # the launcher's report
         assert not (out / "checkpoint-3").exists(), "a partial save never carries a checkpoint's name"
         assert (out / ".partial-checkpoint-3").is_dir()
         assert len(list(out.glob(".partial-checkpoint-3.crashed-*"))) == earlier, "each earlier one moved aside"
 
-    finish_from(tiny_model, out, resumed=2)
+    # a full disk during the save: a file-size limit under which the adapter fits and an optimizer shard does not
+    adapter = (out / "checkpoint-2" / "adapter_model.safetensors").stat().st_size
+    shard = max(p.stat().st_size for p in (out / "checkpoint-2" / "global_step2").glob("*_optim_states.pt"))
+    limit = (adapter + shard) // 2
+    assert adapter < limit < shard
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    full = launch(tiny_model, out, steps=3, preexec_fn=file_size_limit)
+    assert full.returncode != 0
+    assert resumed_2 in full.stderr
+    # torch.save's zip writer does not pass the OSError on: it finds its write position short and says so
+    seen = first_line(full.stderr, "unexpected pos", "File too large")
+    assert seen, full.stderr[-3000:]
+    assert not (out / "checkpoint-3").exists()
+    # where it failed: step 3 trained (logged), then its save began in the staging folder and stopped there
+    assert (full.stdout + full.stderr).count("'loss'") == 1, "step 3 was trained and logged before the save"
+    staged = out / ".partial-checkpoint-3" / "checkpoint-3"
+    assert (staged / "adapter_model.safetensors").stat().st_size == adapter, "the adapter (under the limit) was saved"
+    shards = sorted(staged.glob("global_step3/*_optim_states.pt"))
+    assert len(shards) == 2 and {p.stat().st_size for p in shards} == {limit}, "the optimizer shards were cut there"
+    assert checkpoint_problem(staged, 2, True) is not None, "never taken for a checkpoint"
+    assert len(list(out.glob(".partial-checkpoint-3.crashed-*"))) == len(KILL_POINTS)
+
+    # SIGTERM to the launcher once step 3 is trained, as a preempted job gets it
+    log = tmp_path / "stopped.log"
+    cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(tiny_model, out, 8, ["--save_steps", "100"]))
+    # the log is a file, not a pipe nobody drains while the test polls
+    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
+        deadline = time.time() + 300
+        while log.read_text().count("'loss'") < 1:  # step 3 is done: training is under way
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job's main process gets it
+        status = proc.wait(timeout=120)
+    text = log.read_text()
+    assert resumed_2 in text
+    line = first_line(text, "stopped by SIGTERM")
+    assert line, text[-4000:]
+    stopped = int(line.split("after step ")[1].split(":")[0])
+    assert 3 <= stopped < 8
+    assert line == (f"stopped by SIGTERM after step {stopped}: checkpoint-{stopped} saved in {out}; run the same "
+                    "command to resume (exit status 143)")
+    assert status != 0
+    assert checkpoint_problem(out / f"checkpoint-{stopped}", 2, True) is None
+    assert not (out / f"checkpoint-{stopped + 1}").exists()
+
+    finish_from(tiny_model, out, resumed=stopped, steps=stopped + 1)
     stale = list(out.glob(".partial-checkpoint-3.crashed-*"))
-    assert len(stale) == 3 and all(any(s.rglob("*")) for s in stale), "the crashed saves are moved aside, not deleted"
+    assert len(stale) == len(KILL_POINTS) + 1 and all(any(s.rglob("*")) for s in stale), \
+        "the crashed saves (three kills, the full disk) are moved aside, not deleted"
+
     for rank, point in KILL_POINTS:
         record(f"kill -9 of rank {rank} during a save ({point})", f"`VLM_GRPO_FAULT={rank}:{point}`", True, 1,
                "the launcher's `ChildFailedError` with `exitcode : -9` (`Signal 9 (SIGKILL)`); the next run logs "
                "`resuming from .../checkpoint-2 (step 2)`",
-               resumed_from=2, final_steps=[1, 2, 3])
+               resumed_from=2, final_steps=list(range(1, stopped + 2)))
+    record("full disk during a save", f"`RLIMIT_FSIZE` of {limit} bytes on the launched processes (the adapter "
+           "fits, an optimizer shard does not)", True, 1,
+           f"`{seen.split(']: ', 1)[-1]}` in the save (a process dies); the next run resumes checkpoint-2",
+           resumed_from=2, final_steps=list(range(1, stopped + 2)))
+    record("SIGTERM mid-step", f"SIGTERM to the `accelerate launch` process once step 3 is logged (the run stopped "
+           f"after step {stopped})", True, 0,
+           "`stopped by SIGTERM after step N: checkpoint-N saved in ...; run the same command to resume (exit status "
+           "143)`", stopped_at=stopped, launcher_exit_status=status)
 
 
 # ---- damaged files in the newest checkpoint -----------------------------------------------------------------------
@@ -207,74 +271,6 @@ def test_damaged_newest_checkpoints_fall_back_to_the_last_whole_one(tiny_model, 
                f"`skipping a damaged checkpoint: .../checkpoint-{step}: {said} ...`, then `resuming from "
                ".../checkpoint-1`",
                resumed_from=1, final_steps=[1, 2, 3])
-
-
-# ---- SIGTERM mid-step ---------------------------------------------------------------------------------------------
-
-
-def test_sigterm_mid_step_saves_at_the_step_end_and_resumes(tiny_model, tmp_path):
-    out = copy_base(tiny_model, tmp_path)
-    log = tmp_path / "stopped.log"
-    cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(tiny_model, out, 8, ["--save_steps", "100"]))
-    # the log is a file, not a pipe nobody drains while the test polls
-    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
-        deadline = time.time() + 300
-        while log.read_text().count("'loss'") < 1:  # step 3 is done: training is under way
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job's main process gets it
-        status = proc.wait(timeout=120)
-    text = log.read_text()
-    line = first_line(text, "stopped by SIGTERM")
-    assert line, text[-4000:]
-    stopped = int(line.split("after step ")[1].split(":")[0])
-    assert 3 <= stopped < 8
-    assert line == (f"stopped by SIGTERM after step {stopped}: checkpoint-{stopped} saved in {out}; run the same "
-                    "command to resume (exit status 143)")
-    assert status != 0
-    assert checkpoint_problem(out / f"checkpoint-{stopped}", 2, True) is None
-    assert not (out / f"checkpoint-{stopped + 1}").exists()
-
-    finish_from(tiny_model, out, resumed=stopped, steps=stopped + 1)
-    record("SIGTERM mid-step", f"SIGTERM to the `accelerate launch` process once step 3 is logged (the run stopped "
-           f"after step {stopped})", True, 0,
-           "`stopped by SIGTERM after step N: checkpoint-N saved in ...; run the same command to resume (exit status "
-           "143)`", stopped_at=stopped, launcher_exit_status=status)
-
-
-# ---- full disk during a save ----------------------------------------------------------------------------------------
-
-
-def test_full_disk_during_a_save(tiny_model, tmp_path):
-    out = copy_base(tiny_model, tmp_path)
-    adapter = (out / "checkpoint-2" / "adapter_model.safetensors").stat().st_size
-    shard = max(p.stat().st_size for p in (out / "checkpoint-2" / "global_step2").glob("*_optim_states.pt"))
-    limit = (adapter + shard) // 2  # the adapter fits, an optimizer shard does not
-    assert adapter < limit < shard
-
-    def file_size_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    full = launch(tiny_model, out, steps=3, preexec_fn=file_size_limit)
-    assert full.returncode != 0
-    # torch.save's zip writer does not pass the OSError on: it finds its write position short and says so
-    seen = first_line(full.stderr, "unexpected pos", "File too large")
-    assert seen, full.stderr[-3000:]
-    assert not (out / "checkpoint-3").exists()
-    # where it failed: step 3 trained (logged), then its save began in the staging folder and stopped there
-    assert (full.stdout + full.stderr).count("'loss'") == 1, "step 3 was trained and logged before the save"
-    staged = out / ".partial-checkpoint-3" / "checkpoint-3"
-    assert (staged / "adapter_model.safetensors").stat().st_size == adapter, "the adapter (under the limit) was saved"
-    shards = sorted(staged.glob("global_step3/*_optim_states.pt"))
-    assert len(shards) == 2 and {p.stat().st_size for p in shards} == {limit}, "the optimizer shards were cut there"
-    assert checkpoint_problem(staged, 2, True) is not None, "never taken for a checkpoint"
-
-    finish_from(tiny_model, out, resumed=2)
-    record("full disk during a save", f"`RLIMIT_FSIZE` of {limit} bytes on the launched processes (the adapter "
-           "fits, an optimizer shard does not)", True, 1,
-           f"`{seen.split(']: ', 1)[-1]}` in the save (a process dies); the next run resumes checkpoint-2",
-           resumed_from=2, final_steps=[1, 2, 3])
 
 
 # ---- unwritable output dir ------------------------------------------------------------------------------------------
