@@ -130,12 +130,13 @@ def run_script():
 def single_process_run(tiny_model, tmp_path_factory):
     """(output dir, CompletedProcess) of one process training 2 steps of the offline seed flags + test_train_cpu.FAST
     on 64 synthetic rows with a quarter held out; shared by test_train_cpu.py and test_split_record.py (which copies
-    it before changing anything)."""
-    from test_train_cpu import FAST, PYTHON, run, seed_script_args
+    it before changing anything). A fork of tests/_forkserver.py's server: `python grpo_vlm.py` without the imports."""
+    from test_train_cpu import FAST, env, seed_script_args
 
     out = tmp_path_factory.mktemp("single-process") / "run"
-    proc = run([PYTHON, str(SCRIPT), *seed_script_args(tiny_model, out, 2), *FAST, "--synthetic_rows", "64",
-                "--eval_fraction", "0.25"])
+    proc = _forkserver.run(str(SCRIPT), [*seed_script_args(tiny_model, out, 2), *FAST, "--synthetic_rows", "64",
+                                         "--eval_fraction", "0.25"], env=env(), timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out, proc
 
 
