@@ -502,6 +502,10 @@ def _raw(rel: str):
     return json.loads(path.read_text()) if path.suffix == ".json" else path.read_text()
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _per_rank(result: dict) -> list[dict]:
     ranks = result["per_rank"]
     return json.loads(ranks) if isinstance(ranks, str) else ranks
@@ -540,6 +544,7 @@ def _gb(du_size: str) -> str:  # du -h's 542M -> "0.5 GB", 8.3G -> "8.3 GB"
 B1, B2, B3 = ("bench-results/1-upstream-vision-loop.json", "bench-results/2-batched-vision.json",
               "bench-results/3-batched-vision-zero3-knobs.json")
 TIMINGS = "cpu-results/setup-and-timings.json"
+SPEEDUPS = "cpu-results/suite-speedups.json"  # tests/time_launch.py: one launch per start-up variant
 MAKE_TEST = "cpu-results/make-test.json"  # `make test` in a fresh clone, at the commit it records (test_suite_bounds)
 DRY = "data-prep-results/scale-7700-dry-run.json"
 
@@ -777,6 +782,17 @@ QUOTES = [
         _peak_gib(_bench(B5)["seed"]) + 0.3 * 81559 / 1024, 81559 / 1024)),
     (BENCHMARKS, "cpu-results/vllm-colocate-weight-check.json",
      lambda: _is_ratio_range("cpu-results/vllm-colocate-weight-check.json", "–", 3)),
+    # the suite's time (INTERNALS.md): one launch per start-up variant, a refusal forked or not, make test
+    (INTERNALS, SPEEDUPS, lambda: "The launch: {:.1f} s → {:.1f} s (means of 2).".format(
+        _mean(_raw(SPEEDUPS)["summary"]["no_inductor_env"]["wall_s"]),
+        _mean(_raw(SPEEDUPS)["summary"]["suite"]["wall_s"]))),
+    (INTERNALS, SPEEDUPS, lambda: "exit, {:.1f} s → {:.1f} s (means of 2)".format(
+        _mean(_raw(SPEEDUPS)["summary"]["no_exit_freeze"]["saved_to_exit_s"]),
+        _mean(_raw(SPEEDUPS)["summary"]["suite"]["saved_to_exit_s"]))),
+    (INTERNALS, SPEEDUPS, lambda: "refusal takes {:.1f} s instead of {:.1f} s (means of 2)".format(
+        _mean(_raw(SPEEDUPS)["one_process_refusal"]["fork_s"]),
+        _mean(_raw(SPEEDUPS)["one_process_refusal"]["real_process_s"]))),
+    (INTERNALS, MAKE_TEST, lambda: "CI machine: {:.0f} s, set-up included".format(_raw(MAKE_TEST)["wall_s"])),
     # the fault table (INTERNALS.md), row for row as tests/test_faults.py recorded it
     (INTERNALS, "cpu-results/faults.json", lambda: "\n".join("| {} | {} | {} | {} | {} |".format(
         r["fault"], r["injected"], "yes" if r["survived"] else "no", r["steps_lost"], r["user_sees"])

@@ -10,7 +10,9 @@ Variants (each a fresh launch, in turn, `--repeats` times):
 - `no_inductor_env`: without TORCHINDUCTOR_VEC_ISA_OK / TORCHINDUCTOR_COMPILE_THREADS;
 - `no_exit_freeze`: the script's exit freeze undone (an atexit handler calls gc.unfreeze(), so the interpreter's last
   collection scans everything again).
-Each record: the wall time of the launch and the seconds from the `saved:` line to the launcher's exit.
+Each record: the wall time of the launch and the seconds from the `saved:` line to the launcher's exit. Then
+`one_process_refusal`: grpo_vlm.py refusing a bad flag, as a real process and as a fork of tests/_forkserver.py's
+server.
 """
 
 from __future__ import annotations
@@ -71,6 +73,31 @@ def launch_once(model: Path, work: Path, variant: str) -> dict:
             "saved_to_exit_s": round(end - saved_at, 2) if saved_at else None}
 
 
+def time_refusals(model: Path, work: Path, repeats: int) -> dict:
+    """`grpo_vlm.py` refusing a bad flag (--max_image_side -1, the seed's offline flags otherwise), as a real process
+    and as a fork of tests/_forkserver.py's server (started before the first timed fork)."""
+    import _forkserver
+
+    args = ["--model_name_or_path", model, "--dataset_name", "synthetic", "--output_dir", work / "refused",
+            "--use_vllm", "--vllm_mode", "colocate", "--max_image_side", "-1", "--dry_run"]
+    script, run_env = str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), env()
+    _forkserver.server()
+    times = {"real_process_s": [], "fork_s": []}
+    for _ in range(repeats):
+        for key in times:
+            start = time.monotonic()
+            if key == "fork_s":
+                assert _forkserver.forks(script, run_env)
+                proc = _forkserver.run(script, args, env=run_env, timeout=300)
+            else:
+                proc = _proc.run([_forkserver.PYTHON, script, *map(str, args)], cwd=REPO, env=run_env,
+                                 capture_output=True, text=True, timeout=300)
+            times[key].append(round(time.monotonic() - start, 2))
+            assert proc.returncode == 1 and "--max_image_side must be >= 0" in proc.stderr, proc.stderr[-2000:]
+    print(json.dumps(times), flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
@@ -79,7 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py sets them
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.update(env())  # the launches' environment is the fork server's too
+    import _forkserver  # noqa: F401  (its server environment: this one)
     from make_tiny_model import build
 
     records = []
@@ -90,6 +118,7 @@ def main() -> None:
             for variant in args.variants.split(","):
                 records.append(launch_once(model, Path(tmp), variant))
                 print(json.dumps(records[-1]), flush=True)
+        refusals = time_refusals(model, Path(tmp), args.repeats)
     summary = {v: {"wall_s": [r["wall_s"] for r in records if r["variant"] == v],
                    "saved_to_exit_s": [r["saved_to_exit_s"] for r in records if r["variant"] == v]}
                for v in args.variants.split(",")}
@@ -101,6 +130,7 @@ def main() -> None:
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": records,
         "summary": summary,
+        "one_process_refusal": refusals,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
