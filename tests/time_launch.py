@@ -107,7 +107,7 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py sets them
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     os.environ.update(env())  # the launches' environment is the fork server's too
-    import _forkserver  # noqa: F401  (its server environment: this one)
+    import _forkserver  # noqa: F401, E402  (imported now: its server's environment is this one)
     from make_tiny_model import build
 
     records = []
