@@ -28,8 +28,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+import _proc
+
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 
 # imported once by the server: what `import grpo_vlm` spends its 7 s on (vllm where it is installed)
 PRELOAD = ["torch", "transformers", "datasets", "peft", "accelerate", "deepspeed", "trl", "vllm", "PIL.Image",
@@ -131,13 +132,10 @@ def serve() -> None:
 
 class _Server:
     def __init__(self, env: dict):
-        import _proc
-
-        self.env = dict(env)
         # killed with its children (a run under way) when the test session's interpreter exits
         self._held = contextlib.ExitStack()
         self.proc = self._held.enter_context(_proc.started(
-            [PYTHON, __file__], cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [_proc.PYTHON, __file__], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, bufsize=0))
         atexit.register(self._held.close)
         self.imported_env = json.loads(self.read(300))["ready"]
@@ -184,9 +182,7 @@ def forks(script: str, env: dict) -> bool:
 def run(script: str, args, *, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` with stdout and stderr captured as text: a fork of the server where `forks` allows it, a
     real process otherwise. On timeout (or an interrupted test) the run's whole process tree is killed."""
-    import _proc
-
-    cmd = [PYTHON, script, *map(str, args)]
+    cmd = [_proc.PYTHON, script, *map(str, args)]
     if not forks(script, env):
         return _proc.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     forker = server()

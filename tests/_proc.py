@@ -17,8 +17,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import psutil
+
+# the interpreter the tests' processes run: the repository's venv (the one make test sets up), else pytest's own
+_VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
+PYTHON = str(_VENV_PYTHON) if _VENV_PYTHON.exists() else sys.executable
 
 
 def kill_tree(pid: int) -> None:

@@ -47,7 +47,7 @@ def script(tmp_path):
 def both(script, mode, tmp_path, env=None):
     env = {**os.environ, **(env or {})}
     forked = _forkserver.run(str(script), [mode], env=env, timeout=120, cwd=tmp_path)
-    real = _proc.run([_forkserver.PYTHON, str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True,
+    real = _proc.run([_proc.PYTHON, str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True,
                      timeout=120)
     return forked, real
 

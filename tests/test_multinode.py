@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,7 @@ from _vllm import require_vllm
 
 pytestmark = pytest.mark.slow
 
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+PYTHON = _proc.PYTHON
 
 
 def makefile_entry(tmp: Path, target: str, *knobs: str) -> list[str]:

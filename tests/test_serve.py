@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -25,8 +24,7 @@ from _vllm import require_vllm
 
 pytestmark = pytest.mark.slow
 
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+PYTHON = _proc.PYTHON
 START_TIMEOUT = 300  # seconds for the server to answer /health (about 40 s on the 2-core CI machine)
 API_KEY = "test-endpoint-key-7f3a"  # `vllm serve --api-key`: /v1 requests need it, sent by the client as a Bearer token
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from flexai_stub import offline_seed_script_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "code" / "vlm-grpo" / "deepspeed_zero3.yaml"
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+PYTHON = _proc.PYTHON
 
 pytestmark = pytest.mark.slow
 

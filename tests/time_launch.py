@@ -90,7 +90,7 @@ def time_refusals(model: Path, work: Path, repeats: int) -> dict:
                 assert _forkserver.forks(script, run_env)
                 proc = _forkserver.run(script, args, env=run_env, timeout=300)
             else:
-                proc = _proc.run([_forkserver.PYTHON, script, *map(str, args)], cwd=REPO, env=run_env,
+                proc = _proc.run([_proc.PYTHON, script, *map(str, args)], cwd=REPO, env=run_env,
                                  capture_output=True, text=True, timeout=300)
             times[key].append(round(time.monotonic() - start, 2))
             assert proc.returncode == 1 and "--max_image_side must be >= 0" in proc.stderr, proc.stderr[-2000:]
