@@ -120,6 +120,21 @@ def first_line(text: str, *needles: str) -> str:
     return ""
 
 
+def stop_once_training(cmd: list[str], log: Path, signum: int, start_s: float, stop_s: float) -> tuple[int, str]:
+    """Start `cmd` (the output to a file, not a pipe nobody drains while the test polls), send `signum` to the launcher
+    only (as a job's main process gets it) once a step has been logged, within `start_s`; return (launcher status,
+    log) once it has stopped, within `stop_s`."""
+    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
+        deadline = time.monotonic() + start_s
+        while log.read_text(errors="replace").count("'loss'") < 1:
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        status = proc.wait(timeout=stop_s)
+    return status, log.read_text(errors="replace")
+
+
 def finish_from(tiny_model, out: Path, resumed: int, steps: int = 3) -> subprocess.CompletedProcess:
     """The same command again: it must resume `checkpoint-<resumed>` and end at `steps` with a continuous count."""
     proc = launch(tiny_model, out, steps=steps)
@@ -186,18 +201,8 @@ def test_kill9_at_each_point_of_a_save_then_a_full_disk_then_sigterm_each_resume
     assert len(list(out.glob(".partial-checkpoint-3.crashed-*"))) == len(KILL_POINTS)
 
     # SIGTERM to the launcher once step 3 is trained, as a preempted job gets it
-    log = tmp_path / "stopped.log"
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(tiny_model, out, 8, ["--save_steps", "100"]))
-    # the log is a file, not a pipe nobody drains while the test polls
-    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
-        deadline = time.time() + 300
-        while log.read_text().count("'loss'") < 1:  # step 3 is done: training is under way
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job's main process gets it
-        status = proc.wait(timeout=120)
-    text = log.read_text()
+    status, text = stop_once_training(cmd, tmp_path / "stopped.log", signal.SIGTERM, start_s=300, stop_s=120)
     assert resumed_2 in text
     line = first_line(text, "stopped by SIGTERM")
     assert line, text[-4000:]

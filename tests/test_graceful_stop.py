@@ -10,14 +10,12 @@ so that run is not repeated elsewhere. test_faults.py stops the transformers pat
 from __future__ import annotations
 
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import _proc
-from test_faults import first_line, logged_steps
+from test_faults import first_line, logged_steps, stop_once_training
 from test_train_cpu import REPO, env, launch_cmd
 from test_vllm_colocate import vllm_seed_args
 from _vllm import require_vllm
@@ -34,19 +32,6 @@ def seed_command(model, out: Path) -> list[str]:
                       [*vllm_seed_args(model, out, STEPS), "--logging_steps", "1", "--save_steps", "100"])
 
 
-def stop_once_training(cmd: list[str], log: Path, signum: int) -> tuple[int, str]:
-    """Start `cmd`, send `signum` to the launcher once a step has been logged, return (launcher status, log)."""
-    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
-        deadline = time.monotonic() + 400
-        while log.read_text(errors="replace").count("'loss'") < 1:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(0.2)
-        proc.send_signal(signum)
-        status = proc.wait(timeout=240)
-    return status, log.read_text(errors="replace")
-
-
 def stop_line(text: str) -> str:
     line = first_line(text, "stopped by SIG")
     assert line, text[-4000:]
@@ -59,8 +44,8 @@ def runs(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("graceful-stop")
     out = tmp / "run"
     cmd = seed_command(tiny_model, out)
-    term_status, term_log = stop_once_training(cmd, tmp / "sigterm.log", signal.SIGTERM)
-    int_status, int_log = stop_once_training(cmd, tmp / "sigint.log", signal.SIGINT)
+    term_status, term_log = stop_once_training(cmd, tmp / "sigterm.log", signal.SIGTERM, start_s=400, stop_s=240)
+    int_status, int_log = stop_once_training(cmd, tmp / "sigint.log", signal.SIGINT, start_s=400, stop_s=240)
     finish = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     return {"out": out, "term": (term_status, term_log), "int": (int_status, int_log), "finish": finish}
 
