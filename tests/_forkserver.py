@@ -13,6 +13,16 @@ What a fork cannot redo is what the libraries read from the environment while be
 environment it started with. `run` forks only when the run's environment differs from the server's in RUNTIME_ENV
 alone (variables the code reads when it uses them); any other difference (a PYTHONPATH that hides vLLM, ...) gets a
 real process. tests/test_forkserver.py runs command lines both ways and compares what a user sees.
+
+`accelerate launch` (`python -m accelerate.commands.launch`) forks the same way, from a server of its own that imported
+what the launcher imports before it starts a worker: accelerate, torch's elastic launcher and DeepSpeed whole
+(accelerate's deepspeed_launcher imports deepspeed.launcher.runner for one constant). A 2-process launch of a script
+that does nothing took 6.1 s with the launcher a real process, 0.2 s with it a fork (means of 2, 2-core CI machine:
+experiments/vlm-grpo/cpu-results/suite-speedups.json, `noop_launch`): the imports, and the interpreter's last garbage
+collection of them at exit, which a fork skips (it ends with os._exit after the exit handlers). The workers are real
+processes the launcher starts, as always. That server is started with the launch's own environment (but the
+variables in LAUNCH_RUNTIME_ENV) and started again when a launch comes with another one, so the launcher's imports
+always ran under the environment a real launcher would have.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import _proc
@@ -50,6 +61,15 @@ RUNTIME_ENV = {"HF_TOKEN", "FLEXAI_INPUT_CHECKPOINT_DIR", "FLEXAI_OUTPUT_CHECKPO
 # test that changes os.environ for itself never becomes every later run's environment
 SERVER_ENV = {k: v for k, v in os.environ.items() if k not in RUNTIME_ENV}
 
+LAUNCHER = "accelerate.commands.launch"
+# imported by `accelerate launch` with the recipe's DeepSpeed config before it starts the workers
+LAUNCHER_PRELOAD = [LAUNCHER, "deepspeed.launcher.runner", "torch.distributed.run"]
+# what a launch may differ in from its server's environment: read by the workers (real processes, which get the
+# launch's whole environment) and never by the launcher (`datasets`, whose cache folder HF_DATASETS_CACHE names, is not
+# among its imports); pytest names the running test in PYTEST_CURRENT_TEST
+LAUNCH_RUNTIME_ENV = {"PYTEST_CURRENT_TEST", "HF_TOKEN", "VLM_GRPO_FAULT", "FLEXAI_INPUT_CHECKPOINT_DIR",
+                      "FLEXAI_OUTPUT_CHECKPOINT_DIR", "HF_DATASETS_CACHE"}
+
 
 # ---- the server (python tests/_forkserver.py) -----------------------------------------------------------------------
 
@@ -64,11 +84,14 @@ def _exit_code(code) -> int:
     return 1
 
 
-def _run_as_main(script: str) -> int:
+def _run_as_main(script: str | None, module: str | None) -> int:
     import runpy
 
     try:
-        runpy.run_path(script, run_name="__main__")
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)  # `python -m MODULE`
+        else:
+            runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as stop:
         code = _exit_code(stop.code)
@@ -81,22 +104,28 @@ def _run_as_main(script: str) -> int:
     return code
 
 
-def _child(request: dict, protocol_fds: tuple[int, ...]) -> None:
+def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -> None:
     code = 1
     try:
         os.setsid()
         for fd in protocol_fds:
             os.close(fd)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+        if request["stderr"] == request["stdout"]:  # one file for both, as Popen's stderr=STDOUT
+            os.dup2(1, 2)
+        else:
+            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        os.write(1, printed[0])
+        os.write(2, printed[1])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        script = request["script"]
-        sys.argv = [script, *request["args"]]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
-        code = _run_as_main(script)
+        script, module = request.get("script"), request.get("module")
+        sys.argv = [script or "-m", *request["args"]]
+        # `python script.py` puts the script's folder first on sys.path, `python -m` the working directory
+        sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+        code = _run_as_main(script, module)
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -104,15 +133,26 @@ def _child(request: dict, protocol_fds: tuple[int, ...]) -> None:
         os._exit(code)
 
 
-def serve() -> None:
+def serve(preload: list[str], replay: bool) -> None:
+    """Import `preload`, then fork a child per request line. With `replay`, what the imports printed is printed again
+    by each child first, as the real process prints it on its way (the launcher: DeepSpeed's accelerator warning)."""
     import gc
     import importlib
 
     protocol_in, protocol_out = 0, os.dup(1)
-    os.dup2(2, 1)  # what the libraries print while importing goes to stderr, not into the replies
-    for name in PRELOAD:
+    printed = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    os.dup2(printed[0].fileno(), 1)  # what the libraries print while importing does not go into the replies
+    os.dup2(printed[1].fileno(), 2)
+    for name in preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    for stream in printed:
+        stream.seek(0)
+    request_prefix = [stream.read() if replay else b"" for stream in printed]
     gc.freeze()  # the children never scan the preloaded objects
     reply = os.fdopen(protocol_out, "w", buffering=1)
     reply.write(json.dumps({"ready": dict(os.environ)}) + "\n")  # with what the imports set (trl, vllm do)
@@ -121,7 +161,7 @@ def serve() -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(json.loads(line), (protocol_in, protocol_out))
+            _child(json.loads(line), (protocol_in, protocol_out), request_prefix)
         reply.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         reply.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
@@ -131,26 +171,38 @@ def serve() -> None:
 
 
 class _Server:
-    def __init__(self, env: dict):
+    def __init__(self, env: dict, kind: str = "scripts"):
+        self.env = env
+        self._buffer = b""
         # killed with its children (a run under way) when the test session's interpreter exits
         self._held = contextlib.ExitStack()
         self.proc = self._held.enter_context(_proc.started(
-            [_proc.PYTHON, __file__], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [_proc.PYTHON, __file__, kind], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, bufsize=0))
         atexit.register(self._held.close)
         self.imported_env = json.loads(self.read(300))["ready"]
 
+    def close(self) -> None:
+        self._held.close()
+
     def read(self, timeout: float) -> str:
-        line = b""
-        while not line.endswith(b"\n"):
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        """The server's next reply line, waiting `timeout` seconds at most (0: only if it is there already)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise TimeoutError
-            chunk = self.proc.stdout.read(1)
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
             if not chunk:
                 raise RuntimeError("the fork server died")
-            line += chunk
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode().strip()
+
+    def request(self, request: dict) -> int:
+        """Start a fork for `request`; its pid."""
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        return json.loads(self.read(60))["pid"]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -185,13 +237,86 @@ def run(script: str, args, *, env: dict, timeout: float, cwd: Path = REPO) -> su
     cmd = [_proc.PYTHON, script, *map(str, args)]
     if not forks(script, env):
         return _proc.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    forker = server()
+    return _fork(server(), {"script": script}, cmd, env, timeout, cwd)
+
+
+_LAUNCHER: _Server | None = None
+
+
+def launcher_server(env: dict) -> _Server:
+    """The launcher's fork server, started with `env` but LAUNCH_RUNTIME_ENV (about 6 s), or started again if the one
+    running was started with another environment or died."""
+    global _LAUNCHER
+    wanted = {k: v for k, v in env.items() if k not in LAUNCH_RUNTIME_ENV}
+    if _LAUNCHER is None or not _LAUNCHER.alive() or _LAUNCHER.env != wanted:
+        if _LAUNCHER is not None:
+            _LAUNCHER.close()
+        _LAUNCHER = _Server(wanted, kind="launcher")
+    return _LAUNCHER
+
+
+def launch(cmd: list[str], *, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`accelerate launch ...` (cmd: [python, -m, accelerate.commands.launch, ...]) with stdout and stderr captured as
+    text, the launcher a fork of the launcher's server. On timeout (or an interrupted test) the launcher and its
+    workers are killed."""
+    if cmd[:3] != [_proc.PYTHON, "-m", LAUNCHER]:
+        raise ValueError(f"not an accelerate launch by {_proc.PYTHON}: {cmd[:3]}")
+    return _fork(launcher_server(env), {"module": LAUNCHER}, [*cmd[:3], *map(str, cmd[3:])], env, timeout, cwd)
+
+
+class ForkedLaunch:
+    """A forked launcher in the background, with what tests use of subprocess.Popen: pid, poll, wait, send_signal."""
+
+    def __init__(self, forker: _Server, pid: int, cmd: list[str]):
+        self.forker, self.pid, self.args, self.returncode = forker, pid, cmd, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                self.returncode = json.loads(self.forker.read(0))["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = json.loads(self.forker.read(timeout))["returncode"]
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+
+@contextlib.contextmanager
+def started_launch(cmd: list[str], *, env: dict, log: Path, cwd: Path = REPO):
+    """`accelerate launch ...` for a `with` block, stdout and stderr both to `log`, the launcher a fork of the
+    launcher's server: the test signals or waits on the ForkedLaunch it gets. The launcher and its workers are killed
+    when the block ends, however it ends."""
+    if cmd[:3] != [_proc.PYTHON, "-m", LAUNCHER]:
+        raise ValueError(f"not an accelerate launch by {_proc.PYTHON}: {cmd[:3]}")
+    forker = launcher_server(env)
+    log.write_bytes(b"")  # there from the start, for a test that reads it while the run goes on
+    pid = forker.request({"module": LAUNCHER, "args": list(map(str, cmd[3:])), "env": env, "cwd": str(cwd),
+                          "stdout": str(log), "stderr": str(log)})
+    launch = ForkedLaunch(forker, pid, cmd)
+    try:
+        yield launch
+    finally:
+        if launch.poll() is None:
+            _proc.kill_tree(pid)
+            with contextlib.suppress(Exception):
+                launch.wait(30)
+
+
+def _fork(forker: _Server, what: dict, cmd: list[str], env: dict, timeout: float,
+          cwd: Path) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="forkserver-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        request = {"script": script, "args": cmd[2:], "env": env, "cwd": str(cwd), "stdout": str(out),
-                   "stderr": str(err)}
-        forker.proc.stdin.write((json.dumps(request) + "\n").encode())
-        pid = json.loads(forker.read(60))["pid"]
+        args = cmd[3:] if "module" in what else cmd[2:]
+        pid = forker.request({**what, "args": args, "env": env, "cwd": str(cwd), "stdout": str(out),
+                              "stderr": str(err)})
         try:
             returncode = json.loads(forker.read(timeout))["returncode"]
         except BaseException as stop:
@@ -206,4 +331,5 @@ def run(script: str, args, *, env: dict, timeout: float, cwd: Path = REPO) -> su
 
 
 if __name__ == "__main__":
-    serve()
+    launcher = sys.argv[1:] == ["launcher"]
+    serve(LAUNCHER_PRELOAD if launcher else PRELOAD, replay=launcher)

@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # (torch/_inductor/cpu_vec_isa.py, check_build), even with the compile cache warm; without it the ISA is still
 # chosen from the CPU's flags (avx512 amx_tile here, with the probe or without). Its compile-worker pool starts more
 # interpreters on 2 cores (vllm/env_override.py sets 1 thread where vLLM is imported; the launcher does not).
-# One 2-process launch of the seed's vLLM flags: 28.8 s without these, 23.0 s with them (means of 2:
+# One 2-process launch of the seed's vLLM flags: 27.8 s without these, 23.0 s with them (means of 2:
 # tests/time_launch.py, experiments/vlm-grpo/cpu-results/suite-speedups.json).
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

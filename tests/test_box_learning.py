@@ -20,7 +20,7 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
-import _proc
+import _forkserver
 from _tiny import REPO
 from test_train_cpu import env, launch_cmd
 from test_vllm_colocate import vllm_seed_args
@@ -94,8 +94,8 @@ def box_run(tmp_path_factory):
     model = learning_demo.grounding_model(tmp)  # the untied tiny model, taught the answer form (150 steps)
     data = write_box_jsonl(tmp / "data")
     out = tmp / "run"
-    proc = _proc.run(launch_cmd("code/vlm-grpo/grpo_vlm.py", box_run_args(model, data, out)), cwd=REPO,
-                     env=env(), capture_output=True, text=True, timeout=900)
+    proc = _forkserver.launch(launch_cmd("code/vlm-grpo/grpo_vlm.py", box_run_args(model, data, out)), cwd=REPO,
+                              env=env(), timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in history if "rewards/iou_reward/mean" in h]

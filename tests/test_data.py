@@ -9,7 +9,6 @@ import re
 import pytest
 from PIL import Image
 
-import _proc
 import datasets
 from data import (
     DatasetError,
@@ -438,22 +437,20 @@ def test_scale_parquet_is_hub_shaped(tmp_path):
 def test_two_processes_prepare_the_data_once(tmp_path, tiny_model, repo_root):
     """Under `accelerate launch` (the recipe's ZeRO-3 config, 2 processes), the first process prepares the rows and
     the second reads its cache: one "checking rows" pass, one "kept" line, the same rows in both."""
-    import os
-    import sys
-
+    import _forkserver
     import make_scale_parquet
+    from test_train_cpu import env as launch_env, launch_cmd
 
     # 40 photo-sized images: about a second of work, long enough that a second process not made to wait would
     # start its own pass before the first one's cache exists (3 tiny images would not show it)
     parquet = tmp_path / "data.parquet"
     summary = make_scale_parquet.write(parquet, rows=40)
     result = tmp_path / "prep.json"
-    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = _proc.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file=code/vlm-grpo/deepspeed_zero3.yaml",
-         "scripts/measure_data_prep.py", "--result", str(result), "--model_name_or_path", str(tiny_model),
-         "--dataset_name", str(parquet), "--output_dir", str(tmp_path / "run"), "--eval_fraction", "0"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
+    proc = _forkserver.launch(  # the launcher a fork of the launcher's server (tests/_forkserver.py)
+        launch_cmd("scripts/measure_data_prep.py",
+                   ["--result", result, "--model_name_or_path", tiny_model, "--dataset_name", parquet,
+                    "--output_dir", tmp_path / "run", "--eval_fraction", "0"]),
+        cwd=repo_root, env={**launch_env(), "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=600,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]

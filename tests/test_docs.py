@@ -792,6 +792,11 @@ QUOTES = [
     (INTERNALS, SPEEDUPS, lambda: "refusal takes {:.1f} s instead of {:.1f} s (means of 2)".format(
         _mean(_raw(SPEEDUPS)["one_process_refusal"]["fork_s"]),
         _mean(_raw(SPEEDUPS)["one_process_refusal"]["real_process_s"]))),
+    (INTERNALS, SPEEDUPS, lambda: "does nothing: {:.1f} s with a real launcher, {:.1f} s with a forked one (means of "
+     "2)".format(_mean(_raw(SPEEDUPS)["noop_launch"]["real_process_s"]), _mean(_raw(SPEEDUPS)["noop_launch"]["fork_s"]))),
+    (INTERNALS, SPEEDUPS, lambda: "launch above: {:.1f} s → {:.1f} s with a forked launcher (means of 2)".format(
+        _mean(_raw(SPEEDUPS)["summary"]["suite"]["wall_s"]),
+        _mean(_raw(SPEEDUPS)["summary"]["forked_launcher"]["wall_s"]))),
     (INTERNALS, MAKE_TEST, lambda: "CI machine: {:.0f} s, set-up included".format(_raw(MAKE_TEST)["wall_s"])),
     # the fault table (INTERNALS.md), row for row as tests/test_faults.py recorded it
     (INTERNALS, "cpu-results/faults.json", lambda: "\n".join("| {} | {} | {} | {} | {} |".format(

@@ -52,10 +52,14 @@ def script_args(model, out: Path, steps: int, extra=()) -> list[str]:
 
 def launch(model, out: Path, steps: int, processes: int = 2, extra=(), extra_env=None, preexec_fn=None,
            timeout: int = 420) -> subprocess.CompletedProcess:
-    """The offline seed command under `accelerate launch`, its output captured (run() drains the pipes)."""
+    """The offline seed command under `accelerate launch`, its output captured: the launcher a fork of the launcher's
+    server (tests/_forkserver.py), a real process where a `preexec_fn` must run in it."""
     cmd = launch_cmd("code/vlm-grpo/grpo_vlm.py", script_args(model, out, steps, extra), num_processes=processes)
-    return _proc.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec_fn)
+    run_env = {**env(), **(extra_env or {})}
+    if preexec_fn is None:
+        return _forkserver.launch(cmd, cwd=REPO, env=run_env, timeout=timeout)
+    return _proc.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout,
+                     preexec_fn=preexec_fn)
 
 
 def base_run(model) -> Path:
@@ -121,10 +125,10 @@ def first_line(text: str, *needles: str) -> str:
 
 
 def stop_once_training(cmd: list[str], log: Path, signum: int, start_s: float, stop_s: float) -> tuple[int, str]:
-    """Start `cmd` (the output to a file, not a pipe nobody drains while the test polls), send `signum` to the launcher
-    only (as a job's main process gets it) once a step has been logged, within `start_s`; return (launcher status,
-    log) once it has stopped, within `stop_s`."""
-    with log.open("w") as sink, _proc.started(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
+    """Start `cmd` (the output to a file, not a pipe nobody drains while the test polls; the launcher a fork of the
+    launcher's server, tests/_forkserver.py), send `signum` to the launcher only (as a job's main process gets it) once
+    a step has been logged, within `start_s`; return (launcher status, log) once it has stopped, within `stop_s`."""
+    with _forkserver.started_launch(cmd, cwd=REPO, env=env(), log=log) as proc:
         deadline = time.monotonic() + start_s
         while log.read_text(errors="replace").count("'loss'") < 1:
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]

@@ -1,9 +1,12 @@
 """tests/_forkserver.py: a fork of the server ends like `python script.py` would (output, status, exit handlers), forks
-only where the environment allows, and a run past its time bound is killed without taking the server with it."""
+only where the environment allows, and a run past its time bound is killed without taking the server with it; a forked
+`accelerate launch` ends as the real one does, its server follows the launch's environment, and a launch past its
+bound is killed with its workers."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import textwrap
 
@@ -12,6 +15,7 @@ import pytest
 
 import _forkserver
 import _proc
+from test_train_cpu import env as launch_env, launch_cmd  # the suite's launches: their command and environment
 
 # named like a script that forks; prints what a user's script could see of the difference
 SCRIPT = textwrap.dedent("""\
@@ -103,3 +107,68 @@ def test_a_run_past_its_time_bound_is_killed_and_the_server_serves_on(script, tm
 
 def server_children(server) -> list[psutil.Process]:
     return psutil.Process(server.proc.pid).children(recursive=True)
+
+
+# ---- `accelerate launch`: the launcher a fork of its own server, the workers real processes --------------------------
+
+WORKER = textwrap.dedent("""\
+    import os, sys, time
+    line = (f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} argv {sys.argv[1:]} env "
+            f"{os.environ.get('HF_TOKEN')} {os.environ.get('ACCELERATE_USE_DEEPSPEED')} torch {'torch' in sys.modules}")
+    os.write(1, (line + "\\n").encode())  # one write: the two ranks share the launcher's stdout
+    if sys.argv[1] == "fail" and os.environ["RANK"] == "1":
+        sys.exit(3)
+    if sys.argv[1] == "sleep":
+        time.sleep(600)
+""")
+# what differs between two runs of the same launch: log timestamps, process ids
+VOLATILE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+|[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ \d+")
+
+
+@pytest.fixture
+def worker(tmp_path):
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def normalized(text: str) -> list[str]:
+    return sorted(VOLATILE.sub("<volatile>", line) for line in text.splitlines())
+
+
+@pytest.mark.parametrize("mode, status", [("ok", 0), ("fail", 1)])
+def test_a_forked_launcher_ends_as_accelerate_launch_does(worker, tmp_path, mode, status):
+
+    cmd = launch_cmd(str(worker), [mode])
+    env = {**launch_env(), "HF_TOKEN": "hf_test"}
+    forked = _forkserver.launch(cmd, env=env, timeout=120, cwd=tmp_path)
+    real = _proc.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert forked.returncode == real.returncode == status
+    # the workers' lines (real processes either way, with the launch's environment and accelerate's), and what the
+    # launcher's imports print (DeepSpeed's accelerator warning, printed again by each fork)
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 argv ['{mode}'] env hf_test true torch False" in real.stdout.splitlines()
+    assert "Setting accelerator to CPU" in real.stdout
+    assert normalized(forked.stdout) == normalized(real.stdout)
+    assert ("ChildFailedError" in forked.stderr) == ("ChildFailedError" in real.stderr) == (mode == "fail")
+    if mode == "fail":
+        assert "exitcode  : 3" in forked.stderr and "exitcode  : 3" in real.stderr
+
+
+def test_the_launchers_server_is_started_again_for_another_environment(worker, tmp_path):
+    env = launch_env()
+    first = _forkserver.launcher_server(env)
+    assert _forkserver.launcher_server({**env, "HF_TOKEN": "hf_other", "PYTEST_CURRENT_TEST": "x"}) is first
+    second = _forkserver.launcher_server({**env, "TEST_ONLY_VARIABLE": "1"})
+    assert second is not first and not first.alive(), "one launcher server at a time, started with the launch's env"
+    assert second.env["TEST_ONLY_VARIABLE"] == "1" and "HF_TOKEN" not in second.env
+
+
+def test_a_launch_past_its_time_bound_is_killed_with_its_workers(worker, tmp_path):
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        _forkserver.launch(launch_cmd(str(worker), ["sleep"]), env=launch_env(), timeout=5, cwd=tmp_path)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(worker) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], f"processes of the timed-out launch are still there: {left}"
+    server = _forkserver._LAUNCHER
+    assert server.alive() and [p for p in server_children(server) if p.status() != psutil.STATUS_ZOMBIE] == []

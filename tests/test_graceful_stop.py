@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import _proc
+import _forkserver
 from test_faults import first_line, logged_steps, stop_once_training
 from test_train_cpu import REPO, env, launch_cmd
 from test_vllm_colocate import vllm_seed_args
@@ -46,7 +46,7 @@ def runs(tiny_model, tmp_path_factory):
     cmd = seed_command(tiny_model, out)
     term_status, term_log = stop_once_training(cmd, tmp / "sigterm.log", signal.SIGTERM, start_s=400, stop_s=240)
     int_status, int_log = stop_once_training(cmd, tmp / "sigint.log", signal.SIGINT, start_s=400, stop_s=240)
-    finish = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    finish = _forkserver.launch(cmd, cwd=REPO, env=env(), timeout=600)
     return {"out": out, "term": (term_status, term_log), "int": (int_status, int_log), "finish": finish}
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import _proc
+import _forkserver
 from _tiny import REPO
 from test_train_cpu import env, launch_cmd
 from test_vllm_colocate import vllm_seed_args
@@ -45,8 +45,9 @@ def write_own_jsonl(folder):
 
 
 def run_group(cmd, timeout=900) -> subprocess.CompletedProcess:
-    """cmd with a time bound; on timeout the launcher, its workers and their vLLM engines are killed (tests/_proc.py)."""
-    return _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    """cmd (a launch_cmd) with a time bound, the launcher a fork of the launcher's server (tests/_forkserver.py); on
+    timeout the launcher, its workers and their vLLM engines are killed."""
+    return _forkserver.launch(cmd, cwd=REPO, env=env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

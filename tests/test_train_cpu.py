@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
 import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 
 from flexai_stub import offline_seed_script_args
@@ -55,7 +56,12 @@ def launch_cmd(entry: str, args: list[str], num_processes: int = 2) -> list[str]
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    """cmd to its end, which must be 0. A launch_cmd's launcher is a fork of the launcher's server
+    (tests/_forkserver.py); its workers, and any other command, are real processes."""
+    if cmd[1:3] == ["-m", _forkserver.LAUNCHER]:
+        proc = _forkserver.launch(cmd, cwd=REPO, env=env(), timeout=timeout)
+    else:
+        proc = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

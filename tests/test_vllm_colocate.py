@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import _forkserver
 import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from PIL import Image
 
@@ -208,11 +209,13 @@ def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_mode
 
     adapter = make_adapter(tiny_model)  # random non-zero B: it changes the outputs
     out = tmp_path / "eval"
-    proc = _proc.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", str(tiny_model),
-         "--adapter", str(adapter), "--dataset_name", "synthetic", "--synthetic_rows", "64", "--eval_fraction", "0.1",
-         "--max_samples", "4", "--max_new_tokens", "8", "--backend", "vllm", "--output_dir", str(out), "--no_progress"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    # a fork of tests/_forkserver.py's server where the environment allows (the script imports what it preloaded)
+    proc = _forkserver.run(
+        str(REPO / "scripts" / "evaluate.py"),
+        ["--model_name_or_path", tiny_model, "--adapter", adapter, "--dataset_name", "synthetic", "--synthetic_rows",
+         "64", "--eval_fraction", "0.1", "--max_samples", "4", "--max_new_tokens", "8", "--backend", "vllm",
+         "--output_dir", out, "--no_progress"],
+        timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())

@@ -9,15 +9,18 @@ Variants (each a fresh launch, in turn, `--repeats` times):
 - `suite`: as the suite runs it (tests/conftest.py's inductor settings; grpo_vlm.py freezes the heap at exit);
 - `no_inductor_env`: without TORCHINDUCTOR_VEC_ISA_OK / TORCHINDUCTOR_COMPILE_THREADS;
 - `no_exit_freeze`: the script's exit freeze undone (an atexit handler calls gc.unfreeze(), so the interpreter's last
-  collection scans everything again).
+  collection scans everything again);
+- `forked_launcher`: as `suite`, the launcher a fork of tests/_forkserver.py's launcher server (started before).
 Each record: the wall time of the launch and the seconds from the `saved:` line to the launcher's exit. Then
 `one_process_refusal`: grpo_vlm.py refusing a bad flag, as a real process and as a fork of tests/_forkserver.py's
-server.
+server; and `noop_launch`: `accelerate launch` of a 2-process script that does nothing, the launcher a real process
+and a fork of the launcher server (what the launcher alone costs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +33,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "code" / "vlm-grpo"), str(HERE.parent / "scripts")]
+# the suite's environment, set before the imports below import tests/_forkserver.py: its servers start with the
+# environment it was first imported in (tests/conftest.py sets the same first)
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py sets them
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  PYTHONUNBUFFERED="1")  # what test_train_cpu.env() adds: the launches' environment is the servers'
 
 import _proc  # noqa: E402
 from test_train_cpu import REPO, env, launch_cmd  # noqa: E402
@@ -56,11 +65,21 @@ def launch_once(model: Path, work: Path, variant: str) -> dict:
         wrapper = work / "unfrozen_grpo_vlm.py"
         wrapper.write_text(UNFREEZE.format(script=script, folder=str(Path(script).parent)))
         entry = str(wrapper)
+    import _forkserver
+
     log = work / "launch.log"
+    cmd = launch_cmd(entry, vllm_seed_args(model, out, 2))
+    if variant == "forked_launcher":
+        _forkserver.launcher_server(run_env)  # started before the clock, as the suite's first launch starts it
     start = time.monotonic()
     saved_at = None
-    with log.open("w") as sink, _proc.started(launch_cmd(entry, vllm_seed_args(model, out, 2)), cwd=REPO, env=run_env,
-                                               stdout=sink, stderr=subprocess.STDOUT) as proc:
+    with contextlib.ExitStack() as stack:
+        if variant == "forked_launcher":
+            proc = stack.enter_context(_forkserver.started_launch(cmd, cwd=REPO, env=run_env, log=log))
+        else:
+            sink = stack.enter_context(log.open("w"))
+            proc = stack.enter_context(_proc.started(cmd, cwd=REPO, env=run_env, stdout=sink,
+                                                     stderr=subprocess.STDOUT))
         while proc.poll() is None:
             if saved_at is None and "saved: " in log.read_text(errors="replace"):
                 saved_at = time.monotonic()
@@ -71,6 +90,32 @@ def launch_once(model: Path, work: Path, variant: str) -> dict:
     assert status == 0, log.read_text(errors="replace")[-3000:]
     return {"variant": variant, "wall_s": round(end - start, 2),
             "saved_to_exit_s": round(end - saved_at, 2) if saved_at else None}
+
+
+NOOP = "import os\nos.write(1, f\"rank {os.environ['RANK']}\\n\".encode())\n"
+
+
+def time_noop_launches(work: Path, repeats: int) -> dict:
+    """`accelerate launch` (the recipe's config, 2 processes) of a script that prints its rank and ends: the launcher
+    as a real process, and as a fork of tests/_forkserver.py's launcher server (started before the first timed fork)."""
+    import _forkserver
+
+    script = work / "noop.py"
+    script.write_text(NOOP)
+    cmd, run_env = launch_cmd(str(script), []), env()
+    _forkserver.launcher_server(run_env)
+    times = {"real_process_s": [], "fork_s": []}
+    for _ in range(repeats):
+        for key in times:
+            start = time.monotonic()
+            if key == "fork_s":
+                proc = _forkserver.launch(cmd, env=run_env, timeout=300)
+            else:
+                proc = _proc.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
+            times[key].append(round(time.monotonic() - start, 2))
+            assert proc.returncode == 0 and sorted(proc.stdout.split("\n"))[-2:] == ["rank 0", "rank 1"], proc.stdout
+    print(json.dumps(times), flush=True)
+    return times
 
 
 def time_refusals(model: Path, work: Path, repeats: int) -> dict:
@@ -101,13 +146,9 @@ def time_refusals(model: Path, work: Path, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="suite,no_inductor_env,no_exit_freeze")
+    parser.add_argument("--variants", default="suite,no_inductor_env,no_exit_freeze,forked_launcher")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py sets them
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    os.environ.update(env())  # the launches' environment is the fork server's too
-    import _forkserver  # noqa: F401, E402  (imported now: its server's environment is this one)
     from make_tiny_model import build
 
     records = []
@@ -119,6 +160,7 @@ def main() -> None:
                 records.append(launch_once(model, Path(tmp), variant))
                 print(json.dumps(records[-1]), flush=True)
         refusals = time_refusals(model, Path(tmp), args.repeats)
+        noop = time_noop_launches(Path(tmp), args.repeats)
     summary = {v: {"wall_s": [r["wall_s"] for r in records if r["variant"] == v],
                    "saved_to_exit_s": [r["saved_to_exit_s"] for r in records if r["variant"] == v]}
                for v in args.variants.split(",")}
@@ -131,6 +173,7 @@ def main() -> None:
         "runs": records,
         "summary": summary,
         "one_process_refusal": refusals,
+        "noop_launch": noop,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

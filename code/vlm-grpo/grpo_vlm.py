@@ -633,5 +633,5 @@ if __name__ == "__main__":
         sys.exit(f"error: {err}")
     # The run is over and saved: spare the interpreter's last garbage scan of the millions of long-lived objects that
     # torch, vLLM and transformers hold (atexit handlers still run). On a 2-core machine a 2-process launch exits
-    # 1.6 s after its `saved:` line instead of 3.7 s (experiments/vlm-grpo/cpu-results/suite-speedups.json).
+    # 1.8 s after its `saved:` line instead of 3.3 s (experiments/vlm-grpo/cpu-results/suite-speedups.json).
     gc.freeze()
