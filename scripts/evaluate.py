@@ -24,6 +24,7 @@ transformers' batched `generate` otherwise; greedy by default (`--temperature 0`
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -432,3 +433,4 @@ if __name__ == "__main__":
         main()
     except (AdapterError, DatasetError, ValueError) as err:
         sys.exit(f"error: {err}")
+    gc.freeze()  # done: the interpreter's last garbage scan skips what torch holds (as grpo_vlm.py ends, and why)

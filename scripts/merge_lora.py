@@ -25,6 +25,7 @@ processor and the chat template. `make flexai-checkpoint-push` runs the same che
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -302,3 +303,4 @@ if __name__ == "__main__":
         main()
     except (AdapterError, MergeError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
+    gc.freeze()  # done: the interpreter's last garbage scan skips what torch holds (as grpo_vlm.py ends, and why)

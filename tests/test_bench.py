@@ -209,15 +209,16 @@ def test_refigure_command_rewrites_every_committed_figures_file_byte_for_byte(tm
 
 
 @pytest.mark.slow
-def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_root, tmp_path):
+def test_vllm_stand_in_measures_the_trainer_side_before_and_after_the_cuts(repo_root, tmp_path, tiny_model):
     """`--vllm_stand_in` (for GPU hosts without vLLM): TRL's vLLM colocate path with the engine replaced, on
     the tiny model, TRL's paths (`seed-trl`) and fast_paths.py's (`seed`) in one run: the importance-sampling
     forward is there before and gone after, every step syncs weights, and after training the two syncs hand over
-    identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once."""
+    identical tensors, the layer-by-layer one with fewer ZeRO-3 parameters held at once. The suite's tiny model
+    (`--model`; the same preset) spares a second build of it: the test above has bench.py build its own."""
     out, checkpoint_dir = tmp_path / "bench", tmp_path / "output-checkpoint"
     proc = _proc.run(
-        [sys.executable, "scripts/bench.py", "--out", str(out), "--preset", "tiny", "--configs", "seed-trl,seed",
-         "--vllm_stand_in", "--warmup", "1", "--steps", "1", "--completion_length", "8", "--rows", "32",
+        [sys.executable, "scripts/bench.py", "--out", str(out), "--model", str(tiny_model), "--configs",
+         "seed-trl,seed", "--vllm_stand_in", "--warmup", "1", "--steps", "1", "--completion_length", "8", "--rows", "32",
          "--image_side", "112", "--timeout_s", "600"],
         cwd=repo_root, capture_output=True, text=True, timeout=900,
         env={**os.environ, "FLEXAI_OUTPUT_CHECKPOINT_DIR": str(checkpoint_dir)},

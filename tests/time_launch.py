@@ -39,6 +39,7 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")  # as tests/conftest.py s
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                   PYTHONUNBUFFERED="1")  # what test_train_cpu.env() adds: the launches' environment is the servers'
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # as conftest
 
 import _proc  # noqa: E402
 from test_train_cpu import REPO, env, launch_cmd  # noqa: E402
