@@ -39,13 +39,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+import _proc  # noqa: E402  (the venv's interpreter, for PATH below)
+
 # The venv's bin first on PATH, as an activated venv has it, for every process the tests start. The workers of a
 # 2-process CPU launch JIT-build DeepSpeed's CPU shared-memory op with torch's cpp_extension, which runs the first
 # `ninja` on PATH: `make dry-run` puts the venv's first (the `ninja` wheel, 1.13), a bare launch found the system's
 # (1.11 on the CI machine), and the two hash the commands in the build folder's .ninja_log differently, so each switch
-# between them rebuilt the op, about 20 s (~/.cache/torch_extensions/py311_*/deepspeed_shm_comm/.ninja_log alternated).
-import _proc  # noqa: E402
-
+# between them rebuilt the op, 18-20 s each (its build log: experiments/vlm-grpo/cpu-results/shm-op-rebuilds.txt).
 os.environ["PATH"] = os.pathsep.join([str(Path(_proc.PYTHON).parent), os.environ.get("PATH", "")])
 
 import _forkserver  # noqa: E402  (after the environment above: it is the fork server's)
