@@ -237,7 +237,7 @@ def run(script: str, args, *, env: dict, timeout: float, cwd: Path = REPO) -> su
     cmd = [_proc.PYTHON, script, *map(str, args)]
     if not forks(script, env):
         return _proc.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return _fork(server(), {"script": script}, cmd, env, timeout, cwd)
+    return _fork(server(), {"script": script, "args": cmd[2:]}, cmd, env, timeout, cwd)
 
 
 _LAUNCHER: _Server | None = None
@@ -255,13 +255,23 @@ def launcher_server(env: dict) -> _Server:
     return _LAUNCHER
 
 
+def is_launch(cmd: list) -> bool:
+    """Whether `cmd` is `accelerate launch ...` by the venv's interpreter (as test_train_cpu.launch_cmd writes it)."""
+    return list(cmd[:3]) == [_proc.PYTHON, "-m", LAUNCHER]
+
+
+def _launcher_args(cmd: list) -> list[str]:
+    if not is_launch(cmd):
+        raise ValueError(f"not an accelerate launch by {_proc.PYTHON}: {cmd[:3]}")
+    return list(map(str, cmd[3:]))
+
+
 def launch(cmd: list[str], *, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`accelerate launch ...` (cmd: [python, -m, accelerate.commands.launch, ...]) with stdout and stderr captured as
     text, the launcher a fork of the launcher's server. On timeout (or an interrupted test) the launcher and its
     workers are killed."""
-    if cmd[:3] != [_proc.PYTHON, "-m", LAUNCHER]:
-        raise ValueError(f"not an accelerate launch by {_proc.PYTHON}: {cmd[:3]}")
-    return _fork(launcher_server(env), {"module": LAUNCHER}, [*cmd[:3], *map(str, cmd[3:])], env, timeout, cwd)
+    args = _launcher_args(cmd)
+    return _fork(launcher_server(env), {"module": LAUNCHER, "args": args}, [*cmd[:3], *args], env, timeout, cwd)
 
 
 class ForkedLaunch:
@@ -294,12 +304,11 @@ def started_launch(cmd: list[str], *, env: dict, log: Path, cwd: Path = REPO):
     """`accelerate launch ...` for a `with` block, stdout and stderr both to `log`, the launcher a fork of the
     launcher's server: the test signals or waits on the ForkedLaunch it gets. The launcher and its workers are killed
     when the block ends, however it ends."""
-    if cmd[:3] != [_proc.PYTHON, "-m", LAUNCHER]:
-        raise ValueError(f"not an accelerate launch by {_proc.PYTHON}: {cmd[:3]}")
+    args = _launcher_args(cmd)
     forker = launcher_server(env)
     log.write_bytes(b"")  # there from the start, for a test that reads it while the run goes on
-    pid = forker.request({"module": LAUNCHER, "args": list(map(str, cmd[3:])), "env": env, "cwd": str(cwd),
-                          "stdout": str(log), "stderr": str(log)})
+    pid = forker.request({"module": LAUNCHER, "args": args, "env": env, "cwd": str(cwd), "stdout": str(log),
+                          "stderr": str(log)})
     launch = ForkedLaunch(forker, pid, cmd)
     try:
         yield launch
@@ -312,11 +321,10 @@ def started_launch(cmd: list[str], *, env: dict, log: Path, cwd: Path = REPO):
 
 def _fork(forker: _Server, what: dict, cmd: list[str], env: dict, timeout: float,
           cwd: Path) -> subprocess.CompletedProcess:
+    """Run `what` (a script or a module, and its args) as a fork of `forker` to its end; `cmd` names it to the caller."""
     with tempfile.TemporaryDirectory(prefix="forkserver-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        args = cmd[3:] if "module" in what else cmd[2:]
-        pid = forker.request({**what, "args": args, "env": env, "cwd": str(cwd), "stdout": str(out),
-                              "stderr": str(err)})
+        pid = forker.request({**what, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)})
         try:
             returncode = json.loads(forker.read(timeout))["returncode"]
         except BaseException as stop:

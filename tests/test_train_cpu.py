@@ -58,7 +58,7 @@ def launch_cmd(entry: str, args: list[str], num_processes: int = 2) -> list[str]
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """cmd to its end, which must be 0. A launch_cmd's launcher is a fork of the launcher's server
     (tests/_forkserver.py); its workers, and any other command, are real processes."""
-    if cmd[1:3] == ["-m", _forkserver.LAUNCHER]:
+    if _forkserver.is_launch(cmd):
         proc = _forkserver.launch(cmd, cwd=REPO, env=env(), timeout=timeout)
     else:
         proc = _proc.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)

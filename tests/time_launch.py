@@ -96,6 +96,19 @@ def launch_once(model: Path, work: Path, variant: str) -> dict:
 NOOP = "import os\nos.write(1, f\"rank {os.environ['RANK']}\\n\".encode())\n"
 
 
+def time_real_and_forked(repeats: int, real, forked, check) -> dict:
+    """Seconds of `real()` and of `forked()` (each returns a CompletedProcess that `check` asserts on), in turn."""
+    times = {"real_process_s": [], "fork_s": []}
+    for _ in range(repeats):
+        for key, run in (("real_process_s", real), ("fork_s", forked)):
+            start = time.monotonic()
+            proc = run()
+            times[key].append(round(time.monotonic() - start, 2))
+            check(proc)
+    print(json.dumps(times), flush=True)
+    return times
+
+
 def time_noop_launches(work: Path, repeats: int) -> dict:
     """`accelerate launch` (the recipe's config, 2 processes) of a script that prints its rank and ends: the launcher
     as a real process, and as a fork of tests/_forkserver.py's launcher server (started before the first timed fork)."""
@@ -105,18 +118,13 @@ def time_noop_launches(work: Path, repeats: int) -> dict:
     script.write_text(NOOP)
     cmd, run_env = launch_cmd(str(script), []), env()
     _forkserver.launcher_server(run_env)
-    times = {"real_process_s": [], "fork_s": []}
-    for _ in range(repeats):
-        for key in times:
-            start = time.monotonic()
-            if key == "fork_s":
-                proc = _forkserver.launch(cmd, env=run_env, timeout=300)
-            else:
-                proc = _proc.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
-            times[key].append(round(time.monotonic() - start, 2))
-            assert proc.returncode == 0 and sorted(proc.stdout.split("\n"))[-2:] == ["rank 0", "rank 1"], proc.stdout
-    print(json.dumps(times), flush=True)
-    return times
+
+    def check(proc):
+        assert proc.returncode == 0 and sorted(proc.stdout.split("\n"))[-2:] == ["rank 0", "rank 1"], proc.stdout
+
+    return time_real_and_forked(
+        repeats, lambda: _proc.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300),
+        lambda: _forkserver.launch(cmd, env=run_env, timeout=300), check)
 
 
 def time_refusals(model: Path, work: Path, repeats: int) -> dict:
@@ -128,20 +136,15 @@ def time_refusals(model: Path, work: Path, repeats: int) -> dict:
             "--use_vllm", "--vllm_mode", "colocate", "--max_image_side", "-1", "--dry_run"]
     script, run_env = str(REPO / "code" / "vlm-grpo" / "grpo_vlm.py"), env()
     _forkserver.server()
-    times = {"real_process_s": [], "fork_s": []}
-    for _ in range(repeats):
-        for key in times:
-            start = time.monotonic()
-            if key == "fork_s":
-                assert _forkserver.forks(script, run_env)
-                proc = _forkserver.run(script, args, env=run_env, timeout=300)
-            else:
-                proc = _proc.run([_proc.PYTHON, script, *map(str, args)], cwd=REPO, env=run_env,
-                                 capture_output=True, text=True, timeout=300)
-            times[key].append(round(time.monotonic() - start, 2))
-            assert proc.returncode == 1 and "--max_image_side must be >= 0" in proc.stderr, proc.stderr[-2000:]
-    print(json.dumps(times), flush=True)
-    return times
+    assert _forkserver.forks(script, run_env)
+
+    def check(proc):
+        assert proc.returncode == 1 and "--max_image_side must be >= 0" in proc.stderr, proc.stderr[-2000:]
+
+    return time_real_and_forked(
+        repeats, lambda: _proc.run([_proc.PYTHON, script, *map(str, args)], cwd=REPO, env=run_env,
+                                   capture_output=True, text=True, timeout=300),
+        lambda: _forkserver.run(script, args, env=run_env, timeout=300), check)
 
 
 def main() -> None:
