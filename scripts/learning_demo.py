@@ -164,15 +164,23 @@ GROUNDING_FLAGS = [
 ]
 
 
-def grounding_model(out_dir: Path) -> Path:
-    """The untied tiny model taught the box answer form (cached in out_dir: it is the same for every run)."""
-    import make_tiny_model
+def grounding_model(out_dir: Path, steps: int = 150) -> Path:
+    """The untied tiny model taught the box answer form in `steps` steps (cached in out_dir: it is the same for
+    every run).
 
+    Taught in a process of its own (make_tiny_model's command), never in the caller's: the float32 warm-up's results
+    depend on which CPU kernels the process has loaded. Importing TRL imports vLLM's CPU platform, which loads Intel's
+    extension for PyTorch (IPEX), and IPEX registers its own kernels for torch's operators; the same 150 steps then
+    give other weights. The suite imports TRL long before test_box_learning, so its warm-up was taught with IPEX's
+    kernels while the test had been calibrated on a warm-up without them (cpu-results/box-learning.json,
+    `warmup_depends_on_the_process`)."""
     model = out_dir / "tiny-qwen2.5-vl-box"
-    if not (model / "tiny_model_info.json").is_file() or "box_answer_warmup" not in (model / "tiny_model_info.json").read_text():
+    info = model / "tiny_model_info.json"
+    if not info.is_file() or json.loads(info.read_text()).get("box_answer_warmup", {}).get("steps") != steps:
         shutil.rmtree(model, ignore_errors=True)
-        make_tiny_model.build(model, preset="tiny-untied")
-        make_tiny_model.teach_box_answers(model)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(model),
+                        "--preset", "tiny-untied", "--box_answer_steps", str(steps)],
+                       check=True, stdout=subprocess.DEVNULL, timeout=900)
     return model
 
 

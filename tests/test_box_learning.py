@@ -112,6 +112,23 @@ def test_iou_rises_on_a_fixed_box_through_vllm(box_run):
     assert rises, (first, best, box_run["iou_per_step"])
 
 
+def test_the_warm_up_is_taught_in_a_process_of_its_own(tmp_path):
+    """learning_demo.grounding_model teaches the answer form in make_tiny_model's own process, so the model does not
+    depend on what the caller loaded: here one warm-up step taught in this process, once IPEX is loaded (as it is in
+    the suite after any test imported TRL), gives other weights than grounding_model's. If grounding_model taught in
+    the caller's process, the two would be the same bytes (both deterministic: seeded, one process each)."""
+    pytest.importorskip("intel_extension_for_pytorch")  # the vLLM CPU build's: the kernels that change the result
+    import learning_demo
+    import make_tiny_model
+
+    apart = learning_demo.grounding_model(tmp_path / "apart", steps=1) / "model.safetensors"
+    here = tmp_path / "here"
+    make_tiny_model.build(here, preset="tiny-untied")
+    make_tiny_model.teach_box_answers(here, steps=1)
+    assert json.loads((apart.parent / "tiny_model_info.json").read_text())["box_answer_warmup"]["steps"] == 1
+    assert apart.read_bytes() != (here / "model.safetensors").read_bytes()
+
+
 def test_the_check_rejects_a_flat_curve():
     """The check's control on literal curves (box-learning.json): the measured `--learning_rate 0` run fails it, and
     so do a curve with one lucky step and a rise of less than 0.08; the weakest measured run passes."""
