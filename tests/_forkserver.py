@@ -19,10 +19,18 @@ what the launcher imports before it starts a worker: accelerate, torch's elastic
 (accelerate's deepspeed_launcher imports deepspeed.launcher.runner for one constant). A 2-process launch of a script
 that does nothing took 6.1 s with the launcher a real process, 0.2 s with it a fork (means of 2, 2-core CI machine:
 experiments/vlm-grpo/cpu-results/suite-speedups.json, `noop_launch`): the imports, and the interpreter's last garbage
-collection of them at exit, which a fork skips (it ends with os._exit after the exit handlers). The workers are real
-processes the launcher starts, as always. That server is started with the launch's own environment (but the
-variables in LAUNCH_RUNTIME_ENV) and started again when a launch comes with another one, so the launcher's imports
-always ran under the environment a real launcher would have.
+collection of them at exit, which a fork skips (it ends with os._exit after the exit handlers). That server is
+started with the launch's own environment (but the variables in LAUNCH_RUNTIME_ENV) and started again when a launch
+comes with another one, so the launcher's imports always ran under the environment a real launcher would have.
+
+The workers are forks too: that server also imported the workers' libraries (PRELOAD), and in a forked launcher
+torch elastic's `python -u SCRIPT` becomes a fork of the launcher (the worker in a session of its own, with the
+environment elastic gives it plus what the imports set, a fresh interpreter's signal handlers, the script run as
+`__main__`). Two settings are read while importing and must match: OpenMP reads OMP_NUM_THREADS when it loads, so the
+server imports under torch elastic's OMP_NUM_THREADS=1 for 2-process workers, and unbuffered output (`-u`) needs
+PYTHONUNBUFFERED=1 in the server's environment. A worker with another value (a 1-process launch: elastic sets no
+OMP_NUM_THREADS) is a real process. What a forked worker's imports print is the server's import output, not all of
+what a real worker prints (oneCCL's "My guessed rank" reads RANK while importing).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +113,101 @@ def _run_as_main(script: str | None, module: str | None) -> int:
     return code
 
 
+# what the launcher's server knows of its worker libraries (serve fills it): what importing them printed, the
+# variables that importing them set, and the two import-time settings a worker's environment must match
+_WORKER: dict = {}
+
+
+class _ForkedWorker:
+    """A worker forked by a forked launcher, with what torch elastic uses of subprocess.Popen."""
+
+    def __init__(self, pid: int, args: tuple):
+        self.pid, self.args, self.returncode = pid, args, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def worker_forks(args: tuple, env: dict) -> bool:
+    """Whether torch elastic's `python -u SCRIPT ...` with `env` may be a fork of the forked launcher: the worker
+    libraries imported under the same OMP_NUM_THREADS (OpenMP reads it once, when it loads) and unbuffered output
+    (`-u`) as the worker would have. The rest of the launcher server's environment is the launch's by construction."""
+    return (bool(_WORKER) and len(args) >= 3 and args[0] == sys.executable and args[1] == "-u"
+            and args[2].endswith(".py") and env.get("OMP_NUM_THREADS") == _WORKER["omp"]
+            and env.get("PYTHONUNBUFFERED") == _WORKER["unbuffered"] == "1")
+
+
+def _worker_child(args: tuple, env: dict, stdout, stderr) -> None:
+    code = 1
+    try:
+        os.setsid()  # torch elastic starts each worker in a session of its own
+        if stdout is not None:
+            os.dup2(stdout.fileno(), 1)
+        if stderr is not None:
+            os.dup2(stderr.fileno(), 2)
+        os.write(1, _WORKER["printed"][0])
+        os.write(2, _WORKER["printed"][1])
+        # a fresh interpreter's signal handling, not the launcher's (torch elastic handles SIGTERM/SIGINT/...)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(env)
+        for key, value in _WORKER["imported_env"].items():  # what the imports set, as a real worker's would
+            os.environ.setdefault(key, value)
+        script = args[2]
+        sys.argv = [script, *args[3:]]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        code = _run_as_main(script, None)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _fork_workers() -> None:
+    """In a forked launcher: torch elastic forks each worker from it (the worker libraries imported already) where
+    `worker_forks` allows, and starts a real `python -u SCRIPT` otherwise."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    real_popen = subprocess_handler.SubprocessHandler._popen
+
+    def _popen(self, args, env):
+        if not worker_forks(args, env):
+            return real_popen(self, args, env)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _worker_child(args, env, self._stdout, self._stderr)
+        return _ForkedWorker(pid, args)
+
+    subprocess_handler.SubprocessHandler._popen = _popen
+
+
 def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -> None:
     code = 1
     try:
@@ -125,6 +229,8 @@ def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -
         sys.argv = [script or "-m", *request["args"]]
         # `python script.py` puts the script's folder first on sys.path, `python -m` the working directory
         sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+        if module == LAUNCHER and _WORKER:
+            _fork_workers()
         code = _run_as_main(script, module)
     finally:
         with contextlib.suppress(Exception):
@@ -133,17 +239,14 @@ def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -
         os._exit(code)
 
 
-def serve(preload: list[str], replay: bool) -> None:
-    """Import `preload`, then fork a child per request line. With `replay`, what the imports printed is printed again
-    by each child first, as the real process prints it on its way (the launcher: DeepSpeed's accelerator warning)."""
-    import gc
+def _import_capturing(names: list[str]) -> list[bytes]:
+    """Import `names` (those installed); what they printed on stdout and on stderr."""
     import importlib
 
-    protocol_in, protocol_out = 0, os.dup(1)
     printed = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
     os.dup2(printed[0].fileno(), 1)  # what the libraries print while importing does not go into the replies
     os.dup2(printed[1].fileno(), 2)
-    for name in preload:
+    for name in names:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     sys.stdout.flush()
@@ -152,7 +255,23 @@ def serve(preload: list[str], replay: bool) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     for stream in printed:
         stream.seek(0)
-    request_prefix = [stream.read() if replay else b"" for stream in printed]
+    return [stream.read() for stream in printed]
+
+
+def serve(preload: list[str], replay: bool, worker_preload: list[str] = ()) -> None:
+    """Import `preload`, then fork a child per request line. With `replay`, what the imports printed is printed again
+    by each child first, as the real process prints it on its way (the launcher: DeepSpeed's accelerator warning).
+    `worker_preload` (the launcher's server): imported after, for the workers a forked launcher forks in turn."""
+    import gc
+
+    protocol_in, protocol_out = 0, os.dup(1)
+    printed = _import_capturing(preload)
+    request_prefix = printed if replay else [b"", b""]
+    if worker_preload:
+        before = dict(os.environ)
+        _WORKER.update(printed=_import_capturing(worker_preload), omp=os.environ.get("OMP_NUM_THREADS"),
+                       unbuffered=os.environ.get("PYTHONUNBUFFERED"),
+                       imported_env={k: v for k, v in os.environ.items() if before.get(k) != v})
     gc.freeze()  # the children never scan the preloaded objects
     reply = os.fdopen(protocol_out, "w", buffering=1)
     reply.write(json.dumps({"ready": dict(os.environ)}) + "\n")  # with what the imports set (trl, vllm do)
@@ -176,6 +295,8 @@ class _Server:
         self._buffer = b""
         # killed with its children (a run under way) when the test session's interpreter exits
         self._held = contextlib.ExitStack()
+        if kind == "launcher":  # the worker libraries load under what torch elastic gives 2-process workers
+            env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
         self.proc = self._held.enter_context(_proc.started(
             [_proc.PYTHON, __file__, kind], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, bufsize=0))
@@ -340,4 +461,4 @@ def _fork(forker: _Server, what: dict, cmd: list[str], env: dict, timeout: float
 
 if __name__ == "__main__":
     launcher = sys.argv[1:] == ["launcher"]
-    serve(LAUNCHER_PRELOAD if launcher else PRELOAD, replay=launcher)
+    serve(LAUNCHER_PRELOAD if launcher else PRELOAD, replay=launcher, worker_preload=PRELOAD if launcher else ())

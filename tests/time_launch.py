@@ -10,7 +10,8 @@ Variants (each a fresh launch, in turn, `--repeats` times):
 - `no_inductor_env`: without TORCHINDUCTOR_VEC_ISA_OK / TORCHINDUCTOR_COMPILE_THREADS;
 - `no_exit_freeze`: the script's exit freeze undone (an atexit handler calls gc.unfreeze(), so the interpreter's last
   collection scans everything again);
-- `forked_launcher`: as `suite`, the launcher a fork of tests/_forkserver.py's launcher server (started before).
+- `forked_launcher`: as `suite`, the launcher a fork of tests/_forkserver.py's launcher server (started before), and
+  today its workers forks of it too (suite-speedups.json was recorded while the workers were still real processes).
 Each record: the wall time of the launch and the seconds from the `saved:` line to the launcher's exit. Then
 `one_process_refusal`: grpo_vlm.py refusing a bad flag, as a real process and as a fork of tests/_forkserver.py's
 server; and `noop_launch`: `accelerate launch` of a 2-process script that does nothing, the launcher a real process
