@@ -12,7 +12,8 @@ and atexit handlers run first). The recipe's own modules are imported in the chi
 What a fork cannot redo is what the libraries read from the environment while being imported: the server keeps the
 environment it started with. `run` forks only when the run's environment differs from the server's in RUNTIME_ENV
 alone (variables the code reads when it uses them); any other difference (a PYTHONPATH that hides vLLM, ...) gets a
-real process. tests/test_forkserver.py runs command lines both ways and compares what a user sees.
+real process, unless a test declared that environment (`serve_env`): then a second server is started with it and the
+runs fork from that one. tests/test_forkserver.py runs command lines both ways and compares what a user sees.
 
 `accelerate launch` (`python -m accelerate.commands.launch`) forks the same way, from a server of its own that imported
 what the launcher imports before it starts a worker: accelerate, torch's elastic launcher and DeepSpeed whole
@@ -59,7 +60,8 @@ PRELOAD = ["torch", "transformers", "datasets", "peft", "accelerate", "deepspeed
 # the scripts that fork: each imports grpo_vlm.py (so TRL, and vLLM where installed) itself, so a fork of the server
 # holds nothing those scripts would not have imported (IPEX's root-logger handler included); other scripts run as
 # real processes
-FORKED_SCRIPTS = {"grpo_vlm.py", "evaluate.py", "measure_data_prep.py"}
+FORKED_SCRIPTS = {"grpo_vlm.py", "evaluate.py", "measure_data_prep.py",
+                  "thread_binding_check.py"}  # the tests' own: imports vLLM's CPU worker and vllm_colocate
 # read by the code when used, not at import: a run may differ from the server's environment in these and still fork
 # (vllm/envs.py reads VLLM_* when asked, and tests/_vllm.py sets these two as test files are collected; inductor sets
 # its cache folder's variable in the process that first compiles, the test process included, and reads it when used)
@@ -352,13 +354,56 @@ def forks(script: str, env: dict) -> bool:
     return all(env.get(k) in (SERVER_ENV.get(k), imported_env.get(k)) for k in keys - RUNTIME_ENV)
 
 
+# environments a test declared (serve_env) that differ from the server's in variables read at import, and the one
+# server at a time that was started with such an environment
+_DECLARED: list[dict] = []
+_OTHER: _Server | None = None
+
+
+@contextlib.contextmanager
+def serve_env(overrides: dict):
+    """Within the block, a listed script whose environment holds `overrides` (variables read at import, such as
+    test_dry_run's PYTHONPATH that hides vLLM) forks from a server started with that run's environment (but
+    RUNTIME_ENV), started on first use and again for another environment; closed at the block's end. For tests that
+    run several times under one such environment: outside a declared one, it gets a real process."""
+    _DECLARED.append(dict(overrides))
+    try:
+        yield
+    finally:
+        _DECLARED.remove(overrides)
+        if _OTHER is not None:
+            _OTHER.close()
+
+
+def other_server(env: dict) -> _Server:
+    global _OTHER
+    wanted = {k: v for k, v in env.items() if k not in RUNTIME_ENV}
+    if _OTHER is None or not _OTHER.alive() or _OTHER.env != wanted:
+        if _OTHER is not None:
+            _OTHER.close()
+        _OTHER = _Server(wanted)
+    return _OTHER
+
+
+def forker(script: str, env: dict) -> _Server | None:
+    """The server `python SCRIPT` with `env` forks from: the suite's where `forks` allows, a declared environment's
+    (serve_env), or None (a real process)."""
+    if forks(script, env):
+        return server()
+    if Path(script).name in FORKED_SCRIPTS and any(all(env.get(k) == v for k, v in overrides.items())
+                                                   for overrides in _DECLARED):
+        return other_server(env)
+    return None
+
+
 def run(script: str, args, *, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` with stdout and stderr captured as text: a fork of the server where `forks` allows it, a
+    """`python SCRIPT ARGS` with stdout and stderr captured as text: a fork of a server where `forker` names one, a
     real process otherwise. On timeout (or an interrupted test) the run's whole process tree is killed."""
     cmd = [_proc.PYTHON, script, *map(str, args)]
-    if not forks(script, env):
+    chosen = forker(script, env)
+    if chosen is None:
         return _proc.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return _fork(server(), {"script": script, "args": cmd[2:]}, cmd, env, timeout, cwd)
+    return _fork(chosen, {"script": script, "args": cmd[2:]}, cmd, env, timeout, cwd)
 
 
 _LAUNCHER: _Server | None = None

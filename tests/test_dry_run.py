@@ -9,6 +9,8 @@ import shutil
 import time
 
 import pytest
+
+import _forkserver
 from flexai_stub import SEED_ARGV, offline_seed_script_args
 
 SCRIPT = "code/vlm-grpo/grpo_vlm.py"
@@ -149,7 +151,8 @@ def no_vllm_path(tmp_path_factory):
     in sys.modules["vllm"], so `import vllm` fails and `importlib.util.find_spec("vllm")` (TRL's check) finds nothing."""
     root = tmp_path_factory.mktemp("no-vllm")
     (root / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None\n")
-    return root
+    with _forkserver.serve_env({"PYTHONPATH": str(root)}):  # 3 runs: a server that imported without vLLM, once
+        yield root
 
 
 def test_the_seed_command_without_vllm_fails_before_downloading(run_script, tmp_path, no_vllm_path):

@@ -94,6 +94,27 @@ def test_an_environment_the_server_was_not_started_with_gets_a_real_process(scri
     assert "env: None 1" in proc.stdout
 
 
+def test_a_declared_environment_forks_from_a_server_started_with_it(script, tmp_path):
+    """test_dry_run's no-vLLM PYTHONPATH: undeclared, no server (a real process); declared (serve_env), a fork of a second server
+    whose imports ran under it (vLLM hidden: TRL then never imports it), while the suite's server keeps vLLM."""
+    hide = tmp_path / "no-vllm"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None\n")
+    (script.parent / "probe.py").write_text("import sys\nprint('vllm:', sys.modules.get('vllm') is not None)\n")
+    script.write_text("import runpy, sys\nprint('preloaded:', 'torch' in sys.modules)\n"
+                      "runpy.run_path(sys.argv[0].replace('grpo_vlm.py', 'probe.py'))\n")
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    assert _forkserver.forker(str(script), env) is None  # undeclared: a real process
+    with _forkserver.serve_env({"PYTHONPATH": str(hide)}):
+        forked = [_forkserver.run(str(script), [], env=env, timeout=120, cwd=tmp_path) for _ in range(2)]
+        other = _forkserver._OTHER
+        assert [p.stdout.splitlines() for p in forked] == [["preloaded: True", "vllm: False"]] * 2
+        assert other.env["PYTHONPATH"] == str(hide) and other is not _forkserver.server()
+    assert not other.alive(), "closed at the block's end"
+    suite = _forkserver.run(str(script), [], env=dict(os.environ), timeout=120, cwd=tmp_path)
+    assert suite.stdout.splitlines() == ["preloaded: True", "vllm: True"]
+
+
 def test_a_run_past_its_time_bound_is_killed_and_the_server_serves_on(script, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         _forkserver.run(str(script), ["sleep"], env=dict(os.environ), timeout=3, cwd=tmp_path)

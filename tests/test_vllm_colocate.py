@@ -226,22 +226,11 @@ def test_evaluate_vllm_backend_applies_a_q_v_adapter_as_a_lora_request(tiny_mode
 
 
 def test_cpu_thread_binding_workaround_is_never_active_on_a_gpu():
-    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only: in one fresh interpreter (vLLM
-    imported once), with a GPU reported it leaves vLLM's method in place, then without one it replaces it."""
+    """M9's workaround replaces vLLM's CPU-worker thread binding on CPU machines only: in one interpreter (vLLM
+    imported once; tests/thread_binding_check.py, a fork of tests/_forkserver.py's server), with a GPU reported it
+    leaves vLLM's method in place, then without one it replaces it."""
     from _tiny import REPO
 
-    code = (
-        "import sys, torch\n"
-        "sys.path.insert(0, 'code/vlm-grpo')\n"
-        "from vllm.v1.worker.cpu_worker import CPUWorker\n"
-        "upstream = CPUWorker._get_autobind_cpu_ids\n"
-        "from vllm_colocate import cpu_thread_binding_workaround\n"
-        "for gpu in (True, False):\n"
-        "    torch.cuda.is_available = lambda: gpu\n"
-        "    cpu_thread_binding_workaround()\n"
-        "    patched = CPUWorker._get_autobind_cpu_ids\n"
-        "    print(f'gpu={gpu}', 'upstream' if patched is upstream else 'replaced:' + patched(None, None))\n"
-    )
-    proc = _proc.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _forkserver.run(str(REPO / "tests" / "thread_binding_check.py"), [], env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-2:] == ["gpu=True upstream", "gpu=False replaced:all"]
