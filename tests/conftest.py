@@ -6,6 +6,7 @@ Fixture names are part of the suite's contract (other test files use them): `rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -63,16 +64,36 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+@contextlib.contextmanager
+def restored_environment():
+    """os.environ as it was before the block, whatever the block wrote into it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Each test leaves os.environ as it found it. Parsing arguments in-process writes into it (transformers'
     TrainingArguments sets ACCELERATE_USE_DEEPSPEED=true for `--deepspeed`, ACCELERATE_MIXED_PRECISION always), and
     every later subprocess would inherit that: a single-process run then asks DeepSpeed for MPI (mpi4py)."""
-    saved = dict(os.environ)
-    yield
-    for key in set(os.environ) - set(saved):
-        del os.environ[key]
-    os.environ.update(saved)
+    with restored_environment():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environment_after_module():
+    """The same for module- and session-scoped fixtures, which are set up before a test's own restore saves the
+    environment: their writes end with the module. test_learning's vLLM demo evaluates in this process, and vLLM's
+    in-process engine sets OMP_NUM_THREADS=2, VLLM_WORKER_MULTIPROC_METHOD and more. Every later launch inherited
+    them: torch elastic sets OMP_NUM_THREADS=1 for its workers only where it is unset, so each of the 2 workers ran 2
+    threads on the 2-core machine, and no later run could fork (tests/_forkserver.py: its environment differed)."""
+    with restored_environment():
+        yield
 
 
 @pytest.fixture(scope="session")

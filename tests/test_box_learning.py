@@ -45,8 +45,12 @@ FLAGS = ["--eval_fraction", "0", "--reward_funcs", "format", "iou",
          "--use_peft", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj", "lm_head",
          "--per_device_train_batch_size", "16", "--num_generations", "8",  # two questions a process, 8 boxes each
          "--max_completion_length", "40",  # the taught answer is about 30 tokens
-         "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", str(STEPS), "--report_to", "none",
-         "--seed", "42"]
+         "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", str(STEPS), "--report_to", "none"]
+# The rise is a statistical outcome: CPU runs are not bit-reproducible after step 1, and at these settings one run in
+# nine from the calibrated warm-up stayed flat (box-learning.json, `flat_runs`: best window 0.15). So a flat first run
+# (seed 42, the recorded runs' seed) gets one more with another seed; a broken weight sync or learning switched off
+# (the file's `--learning_rate 0` control, best window 0.134) would be flat in both, and the test fails.
+RETRY_SEEDS = (42, 43)
 
 
 def write_box_jsonl(folder):
@@ -68,8 +72,8 @@ def write_box_jsonl(folder):
     return folder / "train.jsonl"
 
 
-def box_run_args(model, data, out, extra=()) -> list[str]:
-    return [*vllm_seed_args(model, out, STEPS), "--dataset_name", str(data), *FLAGS, *extra]
+def box_run_args(model, data, out, seed: int = 42) -> list[str]:
+    return [*vllm_seed_args(model, out, STEPS), "--dataset_name", str(data), *FLAGS, "--seed", str(seed)]
 
 
 def iou_rises(iou: list[float]) -> tuple[bool, float, float]:
@@ -93,23 +97,52 @@ def box_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("box-learning")
     model = learning_demo.grounding_model(tmp)  # the untied tiny model, taught the answer form (150 steps)
     data = write_box_jsonl(tmp / "data")
-    out = tmp / "run"
-    proc = _forkserver.launch(launch_cmd("code/vlm-grpo/grpo_vlm.py", box_run_args(model, data, out)), cwd=REPO,
-                              env=env(), timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
-    steps = [h for h in history if "rewards/iou_reward/mean" in h]
-    result = {"steps": [h["step"] for h in steps],
-              "iou_per_step": [round(h["rewards/iou_reward/mean"], 4) for h in steps],
-              "format_per_step": [round(h["rewards/format_reward/mean"], 4) for h in steps]}
-    print(json.dumps(result))  # the raw file's numbers (pytest -s)
-    return result
+
+    def run(seed: int) -> dict:
+        out = tmp / f"run-seed-{seed}"
+        proc = _forkserver.launch(launch_cmd("code/vlm-grpo/grpo_vlm.py", box_run_args(model, data, out, seed)),
+                                  cwd=REPO, env=env(), timeout=900)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+        history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+        steps = [h for h in history if "rewards/iou_reward/mean" in h]
+        result = {"seed": seed, "steps": [h["step"] for h in steps],
+                  "iou_per_step": [round(h["rewards/iou_reward/mean"], 4) for h in steps],
+                  "format_per_step": [round(h["rewards/format_reward/mean"], 4) for h in steps]}
+        print(json.dumps(result))  # the raw file's numbers (pytest -s)
+        return result
+
+    return attempts_until_rise(run)
+
+
+def attempts_until_rise(run) -> list[dict]:
+    """run(seed) for each of RETRY_SEEDS until one's iou rises; every attempt made."""
+    attempts = []
+    for seed in RETRY_SEEDS:
+        attempts.append(run(seed))
+        if iou_rises(attempts[-1]["iou_per_step"])[0]:
+            break
+    return attempts
 
 
 def test_iou_rises_on_a_fixed_box_through_vllm(box_run):
-    assert box_run["steps"] == list(range(1, STEPS + 1))  # one log per step: the means below compare real steps
-    rises, first, best = iou_rises(box_run["iou_per_step"])
-    assert rises, (first, best, box_run["iou_per_step"])
+    """The last attempt's iou rises; a second attempt (another seed) only after a flat first one."""
+    for attempt in box_run:
+        assert attempt["steps"] == list(range(1, STEPS + 1))  # one log per step: the means compare real steps
+    assert iou_rises(box_run[-1]["iou_per_step"])[0], [(a["seed"], iou_rises(a["iou_per_step"])[1:], a["iou_per_step"]) for a in box_run]
+
+
+def test_a_second_seed_runs_only_after_a_flat_first_run():
+    """attempts_until_rise on literal curves: a rise first is one attempt; flat then rising is two, and the test
+    passes on the second; flat twice is two attempts and the test's check fails on the last."""
+    flat, rise = [0.13] * 30, [0.13] * 10 + [0.4] * 20
+
+    def fake(curves):
+        return lambda seed: {"seed": seed, "iou_per_step": curves[seed]}
+
+    assert [a["seed"] for a in attempts_until_rise(fake({42: rise, 43: rise}))] == [42]
+    assert [a["seed"] for a in attempts_until_rise(fake({42: flat, 43: rise}))] == [42, 43]
+    twice_flat = attempts_until_rise(fake({42: flat, 43: flat}))
+    assert [a["seed"] for a in twice_flat] == [42, 43] and not iou_rises(twice_flat[-1]["iou_per_step"])[0]
 
 
 def test_the_warm_up_is_taught_in_a_process_of_its_own(tmp_path):

@@ -6,6 +6,7 @@ Each guard has a control that shows it catches what it is for."""
 from __future__ import annotations
 
 import ast
+import os
 import sys
 import time
 import tomllib
@@ -155,3 +156,19 @@ def test_the_recorded_make_test_timing_is_of_this_suite(request):
     assert record["tests"] == current, (
         f"{TIMING.relative_to(REPO)} records {record['tests']} tests, the suite now has {current}: re-measure "
         f"(`{record['command']}` in a fresh clone) and update it with the README's `make test` row")
+
+
+def test_what_a_fixture_writes_into_the_environment_ends_with_its_scope(request, monkeypatch):
+    """conftest.restored_environment puts back changed, added and removed variables; both restores are active here:
+    the test's own and the module's (module- and session-scoped fixtures are set up before the test's own saves)."""
+    from conftest import restored_environment
+
+    monkeypatch.setenv("SUITE_BOUNDS_KEPT", "before")
+    monkeypatch.setenv("SUITE_BOUNDS_REMOVED", "before")
+    with restored_environment():
+        os.environ["SUITE_BOUNDS_KEPT"] = "after"
+        os.environ["OMP_NUM_THREADS_LIKE"] = "2"  # what vLLM's in-process engine does to OMP_NUM_THREADS
+        del os.environ["SUITE_BOUNDS_REMOVED"]
+    assert (os.environ["SUITE_BOUNDS_KEPT"], os.environ["SUITE_BOUNDS_REMOVED"]) == ("before", "before")
+    assert "OMP_NUM_THREADS_LIKE" not in os.environ
+    assert {"_restore_environment", "_restore_environment_after_module"} <= set(request.fixturenames)
