@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
 import _forkserver
-import _proc  # every test process: time-bounded, whole tree killed (tests/_proc.py)
 from PIL import Image
 
 from _vllm import engine, engine_prompt_ids, require_vllm
