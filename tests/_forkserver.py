@@ -162,8 +162,7 @@ def worker_forks(args: tuple, env: dict) -> bool:
 
 
 def _worker_child(args: tuple, env: dict, stdout, stderr) -> None:
-    code = 1
-    try:
+    def setup():
         os.setsid()  # torch elastic starts each worker in a session of its own
         if stdout is not None:
             os.dup2(stdout.fileno(), 1)
@@ -175,19 +174,9 @@ def _worker_child(args: tuple, env: dict, stdout, stderr) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.environ.clear()
-        os.environ.update(env)
-        for key, value in _WORKER["imported_env"].items():  # what the imports set, as a real worker's would
-            os.environ.setdefault(key, value)
-        script = args[2]
-        sys.argv = [script, *args[3:]]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
-        code = _run_as_main(script, None)
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+
+    # what the imports set, as a real worker's would
+    _run_and_exit(setup, {**_WORKER["imported_env"], **env}, args[2], None, list(args[3:]))
 
 
 def _fork_workers() -> None:
@@ -210,9 +199,30 @@ def _fork_workers() -> None:
     subprocess_handler.SubprocessHandler._popen = _popen
 
 
-def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -> None:
+def _run_and_exit(setup, env: dict, script: str | None, module: str | None, args: list[str]) -> None:
+    """In a fork: `setup()`, then the script or module as `__main__` with `env` and `args`, as `python SCRIPT ARGS` or
+    `python -m MODULE ARGS` would run it; the process ends with its status (os._exit: the server's exit handlers and
+    buffers are not the child's)."""
     code = 1
     try:
+        setup()
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = [script or "-m", *args]
+        # `python script.py` puts the script's folder first on sys.path, `python -m` the working directory
+        sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+        if module == LAUNCHER and _WORKER:
+            _fork_workers()
+        code = _run_as_main(script, module)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -> None:
+    def setup():
         os.setsid()
         for fd in protocol_fds:
             os.close(fd)
@@ -225,20 +235,8 @@ def _child(request: dict, protocol_fds: tuple[int, ...], printed: list[bytes]) -
         os.write(1, printed[0])
         os.write(2, printed[1])
         os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        script, module = request.get("script"), request.get("module")
-        sys.argv = [script or "-m", *request["args"]]
-        # `python script.py` puts the script's folder first on sys.path, `python -m` the working directory
-        sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
-        if module == LAUNCHER and _WORKER:
-            _fork_workers()
-        code = _run_as_main(script, module)
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+
+    _run_and_exit(setup, request["env"], request.get("script"), request.get("module"), request["args"])
 
 
 def _import_capturing(names: list[str]) -> list[bytes]:
