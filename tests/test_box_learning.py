@@ -43,7 +43,7 @@ STEPS = 30
 # Why the KL term (box-learning.json, `collapse`): at lr 5e-3 one update can break the answer form of every rollout
 # (format 0.81 -> 0.0 in one step). Without a KL term that is for good: eight rollouts that all score 0 have no
 # advantage, so no gradient, and nothing pulls the policy back; CI's run at df4737b lost the form at step 3 (seed 42)
-# and step 6 (seed 43) and scored 0 to step 30. Here 3 runs of 17 without it ended at iou 0 (two lost the form, one
+# and step 7 (seed 43) and scored 0 to step 30. Here 3 runs of 17 without it ended at iou 0 (two lost the form, one
 # kept it around boxes that miss; Adam's epsilon at 1e-6 or a 5-step lr warm-up did not help). The KL term to the
 # warm-up model pulls the policy back: 10 runs of 10 rose, 4 of them after format fell to 0.125 or less, at about 12 s
 # more a run (the reference model's forward).
