@@ -22,6 +22,8 @@ WHEEL_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vlm-grpo/vllm-0.11.0-cpu-tor
 SMOKE_ARGS ?=
 ## PYTEST_ARGS: extra pytest arguments, e.g. PYTEST_ARGS="-k rewards -x"
 PYTEST_ARGS ?= 
+## TEST_WORKERS: pytest-xdist workers of `make test` (tests/conftest.py); 0: one process, for -s or --pdb
+TEST_WORKERS ?= 2
 
 # ---- FlexAI training (the seed's `flexai training run`; experiments/vlm-grpo/README.md) ------------
 ## FLEXAI: the FlexAI CLI (https://docs.flex.ai/cli/); log in once with `flexai auth login`
@@ -272,7 +274,7 @@ smoke: $(STAMP) $(if $(filter 0,$(SMOKE_VLLM)),,$(VLLM_STAMP)) ## the seed comma
 	VPY=$(VPY) SMOKE_DIR=$(SMOKE_DIR) SMOKE_STEPS=$(SMOKE_STEPS) SMOKE_VLLM=$(SMOKE_VLLM) SMOKE_ARGS='$(SMOKE_ARGS)' bash scripts/smoke.sh
 
 test: $(STAMP) $(VLLM_STAMP) ## run the test suite on CPU (everything but `gpu`-marked tests), vLLM colocate included
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # made before $(STAMP) (prerequisites are made left to right): a wrong knob costs no set-up
 .dry-run-checks:

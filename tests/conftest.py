@@ -40,6 +40,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# In `make test`'s 2 workers (tests run side by side, xdist sets PYTEST_XDIST_WORKER before this file loads), OpenMP
+# threads wait passively: a 2-thread torch process (a tiny model's build, a 1-process run) spins a thread waiting for
+# its partner while the other worker's processes hold the cores. 30 steps of box-answer warm-up next to 2 busy
+# processes: 107.3 s spinning, 50.1 s passive, the same bytes (25.7 s alone; passive alone 33.4 s, hence only in
+# workers); OMP_NUM_THREADS=1 took 41.7 s but gives other weights
+# (experiments/vlm-grpo/cpu-results/make-test-workers.json, `openmp_wait`).
+# Set here, before this process or any it starts loads OpenMP (its runtime reads the variable once, when loaded).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import _proc  # noqa: E402  (the venv's interpreter, for PATH below)
 
 # The venv's bin first on PATH, as an activated venv has it, for every process the tests start. The workers of a
@@ -62,6 +72,38 @@ def pytest_configure(config):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+# `make test` runs the suite in 2 pytest-xdist workers (`--dist loadgroup`). On the 2-core CI machine a 1-worker run
+# left nearly a third of the CPU idle (vmstat every 10 s: 31 % idle on average;
+# experiments/vlm-grpo/cpu-results/make-test-workers.json, `one_worker`) in its single-threaded stretches: one-process
+# tests, interpreter start-ups, vLLM engine builds. A file is one unit of work, sent whole to one worker, so a
+# module-scoped run is made once; files that read one session-scoped run are one unit (SHARED_RUNS), so that run is
+# made once too. Units go out heaviest first (HEAVIEST_FIRST), the rest in collection order: a heavy file sent last
+# would run alone at the end.
+SHARED_RUNS = {"test_faults.py": "base_run", "test_resume.py": "base_run", "test_resume_e2e.py": "base_run",
+               "test_fast_paths.py": "fast_paths_runs", "test_vllm_colocate.py": "fast_paths_runs",
+               "test_train_cpu.py": "single_process_run", "test_split_record.py": "single_process_run"}
+# heaviest first: each unit's seconds in a 1-worker run (experiments/vlm-grpo/cpu-results/make-test-workers.json,
+# `one_worker.seconds_per_unit`)
+HEAVIEST_FIRST = ("test_box_learning.py", "base_run", "test_walkthrough.py", "test_bench.py", "test_learning.py",
+                  "test_serve.py", "fast_paths_runs", "test_multinode.py", "test_dry_run.py", "test_graceful_stop.py",
+                  "test_forkserver.py", "test_own_task.py", "test_vllm_families.py", "test_smoke.py",
+                  "test_bad_paths.py", "test_zero3_gradients.py", "test_makefile.py", "single_process_run")
+
+
+def work_unit(file_name: str) -> str:
+    """The unit of work a test file's tests go out in: its shared run's, or the file's own."""
+    return SHARED_RUNS.get(file_name, file_name)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the mark into the unit's name
+def pytest_collection_modifyitems(config, items):
+    rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
+    # a stable sort: a unit's tests keep their order, and so do the units the list does not name
+    items.sort(key=lambda item: rank.get(work_unit(item.path.name), len(rank)))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(work_unit(item.path.name)))
 
 
 @contextlib.contextmanager

@@ -172,3 +172,66 @@ def test_what_a_fixture_writes_into_the_environment_ends_with_its_scope(request,
     assert (os.environ["SUITE_BOUNDS_KEPT"], os.environ["SUITE_BOUNDS_REMOVED"]) == ("before", "before")
     assert "OMP_NUM_THREADS_LIKE" not in os.environ
     assert {"_restore_environment", "_restore_environment_after_module"} <= set(request.fixturenames)
+
+
+# ---- `make test`'s two workers: a shared run made once, the heaviest units first (tests/conftest.py) --------------
+
+
+def readers(run: str) -> set[str]:
+    """The test files whose code names `run` (a shared run's fixture or function): defines, imports, calls or asks
+    for it as a fixture. Docstrings and comments do not count."""
+    def names(source: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name):
+                found.add(node.id)
+            elif isinstance(node, (ast.arg, ast.alias)):
+                found.add(node.arg if isinstance(node, ast.arg) else node.name)
+            elif isinstance(node, ast.FunctionDef):
+                found.add(node.name)
+        return found
+
+    return {p.name for p in TESTS.glob("test_*.py") if p.name != "test_suite_bounds.py" and run in names(p.read_text())}
+
+
+def test_the_files_that_read_a_shared_run_go_out_as_one_unit():
+    """A file that reads a session-scoped run in a unit of its own would make the run again in the other worker (2
+    ZeRO-3 launches for fast_paths_runs). A new reader fails the literal table: add it to conftest.SHARED_RUNS."""
+    from conftest import SHARED_RUNS, work_unit
+
+    runs = sorted(set(SHARED_RUNS.values()))
+    assert {run: readers(run) for run in runs} == {
+        "base_run": {"test_faults.py", "test_resume.py", "test_resume_e2e.py"},
+        "fast_paths_runs": {"test_fast_paths.py", "test_vllm_colocate.py"},
+        "single_process_run": {"test_split_record.py", "test_train_cpu.py"}}
+    for run in runs:
+        assert {work_unit(name) for name in readers(run)} == {run}
+    # control: a file the table does not name is a unit of its own
+    assert work_unit("test_a_new_reader.py") == "test_a_new_reader.py"
+
+
+def test_the_heaviest_first_list_names_units_that_exist():
+    """A renamed or merged file would drop out of HEAVIEST_FIRST silently and go out last, in collection order."""
+    from conftest import HEAVIEST_FIRST, work_unit
+
+    units = {work_unit(p.name) for p in TESTS.glob("test_*.py")}
+    assert len(set(HEAVIEST_FIRST)) == len(HEAVIEST_FIRST) == 18
+    assert set(HEAVIEST_FIRST) <= units, set(HEAVIEST_FIRST) - units
+    assert "test_renamed.py" not in units  # control
+
+
+def test_this_sessions_tests_are_ordered_and_marked_by_unit(request):
+    """In this session (a worker's, under `make test`), every test carries its unit's xdist_group mark (what
+    `--dist loadgroup` sends whole to one worker), a unit's tests are adjacent, and the units HEAVIEST_FIRST names come
+    first, in its order."""
+    from conftest import HEAVIEST_FIRST, work_unit
+
+    items = request.session.items
+    assert all(item.get_closest_marker("xdist_group").args == (work_unit(item.path.name),) for item in items)
+    order = [work_unit(item.path.name) for item in items]
+    first_seen = list(dict.fromkeys(order))
+    runs = [unit for i, unit in enumerate(order) if i == 0 or order[i - 1] != unit]
+    assert runs == first_seen, "a unit's tests are split"
+    named = [unit for unit in first_seen if unit in HEAVIEST_FIRST]
+    assert named == [unit for unit in HEAVIEST_FIRST if unit in named]
+    assert first_seen[:len(named)] == named, "a unit HEAVIEST_FIRST names comes after one it does not"
