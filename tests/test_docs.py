@@ -546,6 +546,7 @@ B1, B2, B3 = ("bench-results/1-upstream-vision-loop.json", "bench-results/2-batc
 TIMINGS = "cpu-results/setup-and-timings.json"
 SPEEDUPS = "cpu-results/suite-speedups.json"  # tests/time_launch.py: one launch per start-up variant
 MAKE_TEST = "cpu-results/make-test.json"  # `make test` in a fresh clone, at the commit it records (test_suite_bounds)
+WORKERS = "cpu-results/make-test-workers.json"  # the suite in one process against 2 xdist workers (tests/conftest.py)
 DRY = "data-prep-results/scale-7700-dry-run.json"
 
 
@@ -798,6 +799,16 @@ QUOTES = [
         _mean(_raw(SPEEDUPS)["summary"]["suite"]["wall_s"]),
         _mean(_raw(SPEEDUPS)["summary"]["forked_launcher"]["wall_s"]))),
     (INTERNALS, MAKE_TEST, lambda: "CI machine: {:.0f} s, set-up included".format(_raw(MAKE_TEST)["wall_s"])),
+    (INTERNALS, WORKERS, lambda: "left the 2 cores {:.0f} % idle on average".format(
+        _raw(WORKERS)["one_worker"]["cpu_idle_percent_mean"])),
+    (INTERNALS, WORKERS, lambda: "{:.1f} s of tests in one process and {:.1f} s in two workers, {:.1f} % idle".format(
+        _raw(WORKERS)["one_worker"]["pytest_s"], _raw(WORKERS)["two_workers"]["pytest_s"],
+        _raw(WORKERS)["two_workers"]["cpu_idle_percent_mean"])),
+    (INTERNALS, WORKERS, lambda: "setup takes {:.1f} s in one process".format(
+        _raw(WORKERS)["two_workers_spinning"]["box_learning_setup_one_worker_s"])),
+    (INTERNALS, WORKERS, lambda: "busy processes: {:.1f} s spinning, {:.1f} s passive".format(
+        _raw(WORKERS)["openmp_wait"]["runs_s"]["beside 2 busy processes"],
+        _raw(WORKERS)["openmp_wait"]["runs_s"]["beside 2 busy processes, OMP_WAIT_POLICY=PASSIVE"])),
     # the fault table (INTERNALS.md), row for row as tests/test_faults.py recorded it
     (INTERNALS, "cpu-results/faults.json", lambda: "\n".join("| {} | {} | {} | {} | {} |".format(
         r["fault"], r["injected"], "yes" if r["survived"] else "no", r["steps_lost"], r["user_sees"])
