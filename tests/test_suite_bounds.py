@@ -235,3 +235,44 @@ def test_this_sessions_tests_are_ordered_and_marked_by_unit(request):
     named = [unit for unit in first_seen if unit in HEAVIEST_FIRST]
     assert named == [unit for unit in HEAVIEST_FIRST if unit in named]
     assert first_seen[:len(named)] == named, "a unit HEAVIEST_FIRST names comes after one it does not"
+
+
+def test_sigterm_to_make_tests_pytest_leaves_no_process_behind(tmp_path):
+    """CI's time limit sends SIGTERM to pytest, which runs the tests in 2 xdist workers: the controller unwinds
+    (tests/conftest.py's handler), xdist ends its workers, and a worker's running test kills its process trees
+    (tests/_proc.py), the launcher's worker in a session of its own included (tests/interrupt_target.py). Control:
+    SIGKILL to pytest's process group (the controller and its xdist workers) unwinds nothing, and that worker outlives
+    it. (SIGKILL to the controller alone is not a control: the workers see their channel close and unwind.)"""
+    import signal
+
+    import psutil
+
+    def survivor(kill) -> bool:
+        pid_file = tmp_path / f"worker-{kill.__name__}.pid"
+        with _proc.started([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                            "tests/interrupt_target.py"], cwd=REPO,
+                           env={**os.environ, "INTERRUPT_TARGET_PID_FILE": str(pid_file)}) as proc:
+            deadline = time.monotonic() + 120
+            while not pid_file.exists() or not pid_file.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, "the target test did not start"
+                time.sleep(0.1)
+            launcher, worker = map(int, pid_file.read_text().split())
+            kill(proc)
+            proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                _proc.kill_tree(launcher)
+                _proc.kill_tree(worker)
+                return True
+            time.sleep(0.1)
+        return False
+
+    def sigterm(proc):
+        proc.send_signal(signal.SIGTERM)
+
+    def sigkill_group(proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    assert not survivor(sigterm), "a worker outlived SIGTERM to pytest"
+    assert survivor(sigkill_group), "control: nothing unwinds after SIGKILL to the group, the worker is left"
