@@ -65,10 +65,23 @@ import _forkserver  # noqa: E402  (after the environment above: it is the fork s
 def pytest_configure(config):
     """SIGTERM to pytest (a CI runner's time limit, `kill`) unwinds like Ctrl-C instead of ending the interpreter on the
     spot: tests/_proc.py then kills the process trees the running test started (torch elastic's workers sit in
-    sessions of their own and would outlive pytest)."""
+    sessions of their own and would outlive pytest).
+
+    Under `make test` the tests run in xdist workers, so the controller passes the signal on to them first: left to
+    xdist, a worker is asked to stop, interrupts itself after 5 s (execnet's _terminate_execution) and is SIGKILLed
+    10 s after the request (xdist's EXIT_TIMEOUT), and a worker slowed by a busy machine was killed before its test
+    unwound (a fresh-clone `make test` at 3aaab6a: test_suite_bounds' SIGTERM check found the worker alive)."""
     import signal
 
+    import psutil
+
+    distributing = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+
     def _interrupt(signum, frame):
+        if distributing:
+            for worker in psutil.Process().children():
+                with contextlib.suppress(psutil.Error):
+                    worker.send_signal(signal.SIGTERM)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _interrupt)
