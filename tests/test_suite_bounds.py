@@ -79,34 +79,44 @@ def test_every_test_has_a_time_limit():
     assert "\npytest-timeout==2.4.0 " in pin
 
 
-def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
-    """A launcher whose worker sits in a session of its own (as torch elastic starts workers): on timeout both are
-    gone. Control: the same tree, killed only by process group as `os.killpg` would, leaves the worker alive."""
+def alive_after(pid: int, seconds: float) -> bool:
+    """Whether process `pid` still runs, and is no zombie, `seconds` from now (polled every 0.1 s; False as soon as it
+    is gone)."""
     import psutil
 
-    pid_file = tmp_path / "worker.pid"
-    launcher = ("import subprocess, sys, time\n"
-                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
-                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
-                "time.sleep(300)\n")
-    with pytest.raises(Exception, match="timed out"):
-        _proc.run([sys.executable, "-c", launcher], timeout=5)
-    worker = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, f"worker {worker} survived the timeout"
+    deadline = time.monotonic() + seconds
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            return True
         time.sleep(0.1)
+    return False
+
+
+def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
+    """A launcher whose worker sits in a session of its own (as torch elastic starts workers;
+    tests/interrupt_target.py's LAUNCHER): on timeout both are gone. Control: the same tree, killed only by process
+    group as `os.killpg` would, leaves the worker alive."""
+    import psutil
+
+    from interrupt_target import LAUNCHER
+
+    pid_file = tmp_path / "worker.pid"
+    launcher = [sys.executable, "-c", LAUNCHER, str(pid_file)]
+    with pytest.raises(Exception, match="timed out"):
+        _proc.run(launcher, timeout=5)
+    worker = int(pid_file.read_text().split()[1])
+    assert not alive_after(worker, 10), f"worker {worker} survived the timeout"
 
     # control: killing the launcher's process group alone misses the worker
     import os
     import signal
     pid_file.unlink()
-    with _proc.started([sys.executable, "-c", launcher]) as proc:
+    with _proc.started(launcher) as proc:
         while not pid_file.exists() or not pid_file.read_text():
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        worker = int(pid_file.read_text())
+        worker = int(pid_file.read_text().split()[1])
         assert psutil.pid_exists(worker), "control: the worker outlives a process-group kill"
         psutil.Process(worker).kill()
 
@@ -185,9 +195,9 @@ def readers(run: str) -> set[str]:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Name):
                 found.add(node.id)
-            elif isinstance(node, (ast.arg, ast.alias)):
-                found.add(node.arg if isinstance(node, ast.arg) else node.name)
-            elif isinstance(node, ast.FunctionDef):
+            elif isinstance(node, ast.arg):
+                found.add(node.arg)
+            elif isinstance(node, (ast.alias, ast.FunctionDef)):
                 found.add(node.name)
         return found
 
@@ -245,8 +255,6 @@ def test_sigterm_to_make_tests_pytest_leaves_no_process_behind(tmp_path):
     it. (SIGKILL to the controller alone is not a control: the workers see their channel close and unwind.)"""
     import signal
 
-    import psutil
-
     def survivor(kill) -> bool:
         pid_file = tmp_path / f"worker-{kill.__name__}.pid"
         with _proc.started([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
@@ -259,13 +267,10 @@ def test_sigterm_to_make_tests_pytest_leaves_no_process_behind(tmp_path):
             launcher, worker = map(int, pid_file.read_text().split())
             kill(proc)
             proc.wait(timeout=60)
-        deadline = time.monotonic() + 10
-        while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
-            if time.monotonic() > deadline:
-                _proc.kill_tree(launcher)
-                _proc.kill_tree(worker)
-                return True
-            time.sleep(0.1)
+        if alive_after(worker, 10):
+            _proc.kill_tree(launcher)
+            _proc.kill_tree(worker)
+            return True
         return False
 
     def sigterm(proc):
